@@ -1,0 +1,280 @@
+"""The output of a generation run: layout, Parquet manifest schema, run.json and resume bookkeeping.
+
+Layout under the output root OUT (a local folder or s3://bucket/prefix):
+
+    OUT/run.json                       what produced this output (see `run_info`)
+    OUT/images/<shard>/<seed>.png      one grayscale PNG per seed
+    OUT/manifest/part-<shard>.parquet  one row per seed of the shard, sorted by seed
+
+Shards are the unit of exactly-once. The run's seeds are a sequence (a range
+`seed_start, seed_start+1, ...` or the lines of a seeds file, in file order); shard k holds the
+seeds at positions [k * shard_size, (k+1) * shard_size) of that sequence. For a range starting at 0
+this is simply `shard = seed // shard_size`. A part file is written only once its shard is complete,
+atomically (temp file + rename locally, a single object PUT on S3), so a part that exists is a
+complete shard and a rerun regenerates exactly the shards that have none.
+
+`image_path` in the manifest is relative to OUT ("images/00003/31337.png"), so an output can be
+moved or copied from S3 without rewriting its manifest; join it onto OUT to open the image.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import math
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+
+INT64_MAX = 2**63 - 1
+
+SCHEMA = pa.schema(
+    [
+        pa.field("seed", pa.int64(), nullable=False),
+        # The shard this seed belongs to (also the folder of its image and the part file's number).
+        pa.field("shard", pa.int32(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        # Relative to the output root, '/'-separated: images/<shard>/<seed>.png
+        pa.field("image_path", pa.string(), nullable=False),
+        # Hex sha256 of the PNG file's bytes.
+        pa.field("image_sha256", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        # Cosine similarity of the image and caption embeddings (contrastive heads), in [-1, 1].
+        pa.field("alignment", pa.float32(), nullable=False),
+        # The checkpoint digest (model.checkpoint.checkpoint_digest: sha256 over its three files).
+        pa.field("model_digest", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        # When the sample was generated.
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+# The columns the generation actors return; the driver adds model_digest and run_id.
+WORKER_COLUMNS = (
+    "seed",
+    "shard",
+    "caption",
+    "image_path",
+    "image_sha256",
+    "width",
+    "height",
+    "alignment",
+    "created_at",
+)
+
+_PART_RE = re.compile(r"^part-(\d+)\.parquet$")
+
+# Settings that change which bytes a seed produces or where they go: a rerun must match them to
+# resume the output, any other setting (batch size, actors, device) may differ between runs.
+IDENTITY_KEYS = ("model_digest", "seeds", "shard_size", "steps", "bf16")
+
+
+class ManifestError(RuntimeError):
+    """An output whose manifest or run.json does not match what this run expects."""
+
+
+class SeedsFileError(ValueError):
+    """A seeds file that cannot be used, with the file and line."""
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """The run's seeds as a sequence, split into shards of `shard_size` consecutive positions."""
+
+    count: int  # number of seeds N
+    shard_size: int
+    seed_start: int = 0  # first seed of a range (unused when `explicit` is given)
+    explicit: np.ndarray | None = None  # int64 (N,) seeds from a seeds file, in file order
+    source: str = ""  # the seeds file's URI, for run.json only
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.count / self.shard_size)
+
+    def shard_len(self, shard: int) -> int:
+        return min(self.shard_size, self.count - shard * self.shard_size)
+
+    def seeds_at(self, positions: np.ndarray) -> np.ndarray:
+        """Seeds (int64) at sequence positions (int64)."""
+        if self.explicit is not None:
+            return self.explicit[positions]
+        return self.seed_start + positions.astype(np.int64)
+
+    def shard_seeds(self, shard: int) -> np.ndarray:
+        start = shard * self.shard_size
+        return self.seeds_at(np.arange(start, start + self.shard_len(shard), dtype=np.int64))
+
+    def describe(self) -> dict[str, Any]:
+        """The seed set, as compared between runs: a range, or the seeds file's content hash."""
+        if self.explicit is None:
+            return {"kind": "range", "seed_start": self.seed_start, "num_seeds": self.count}
+        # Hash of the parsed seeds (int64 little-endian, file order), so reformatting the file
+        # (blank lines, comments) does not count as a different seed set.
+        digest = hashlib.sha256(self.explicit.astype("<i8").tobytes()).hexdigest()
+        return {"kind": "file", "num_seeds": self.count, "sha256": digest, "uri": self.source}
+
+
+def range_plan(seed_start: int, num_seeds: int, shard_size: int) -> SeedPlan:
+    if num_seeds <= 0:
+        raise ValueError(f"num_seeds must be > 0, got {num_seeds}")
+    if seed_start < 0:
+        raise ValueError(f"seed_start must be >= 0, got {seed_start}")
+    if seed_start + num_seeds - 1 > INT64_MAX:
+        raise ValueError(
+            f"seed range {seed_start} .. {seed_start + num_seeds - 1} overflows int64 (max seed {INT64_MAX})"
+        )
+    return SeedPlan(count=num_seeds, shard_size=shard_size, seed_start=seed_start)
+
+
+def parse_seeds(text: str, source: str) -> np.ndarray:
+    """Seeds of a seeds file: one integer per line; blank lines and '#' comment lines are skipped.
+    Negative, int64-overflowing and repeated seeds are errors (each seed is in the manifest once)."""
+    seeds: list[int] = []
+    first_line: dict[int, int] = {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            seed = int(line)
+        except ValueError:
+            raise SeedsFileError(f"{source}:{lineno}: not an integer seed: {line[:40]!r}") from None
+        if not 0 <= seed <= INT64_MAX:
+            raise SeedsFileError(f"{source}:{lineno}: seed {seed} is outside 0 .. {INT64_MAX}")
+        if seed in first_line:
+            raise SeedsFileError(f"{source}:{lineno}: seed {seed} repeats line {first_line[seed]}")
+        first_line[seed] = lineno
+        seeds.append(seed)
+    if not seeds:
+        raise SeedsFileError(f"{source}: no seeds in the file")
+    return np.asarray(seeds, dtype=np.int64)
+
+
+def file_plan(uri: str, shard_size: int) -> SeedPlan:
+    try:
+        text = storage.read_bytes(uri).decode("utf-8")
+    except (storage.StorageError, UnicodeDecodeError) as e:
+        raise SeedsFileError(f"seeds file {uri}: {e}") from e
+    seeds = parse_seeds(text, uri)
+    return SeedPlan(count=len(seeds), shard_size=shard_size, explicit=seeds, source=uri)
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:05d}"
+
+
+def image_path(shard: int, seed: int) -> str:
+    """Path of a seed's PNG relative to the output root."""
+    return f"images/{shard_name(shard)}/{seed}.png"
+
+
+def part_uri(out: str, shard: int) -> str:
+    return storage.join(out, "manifest", f"part-{shard_name(shard)}.parquet")
+
+
+def completed_shards(out: str) -> set[int]:
+    """Shards that have a manifest part (temp files of an interrupted write do not match)."""
+    names = (uri.rsplit("/", 1)[-1] for uri in storage.list_files(storage.join(out, "manifest")))
+    return {int(m.group(1)) for m in map(_PART_RE.match, names) if m}
+
+
+def write_part(out: str, shard: int, columns: dict[str, list], model_digest: str, run_id: str) -> None:
+    """Write one complete shard's rows as manifest/part-<shard>.parquet, sorted by seed, atomically."""
+    n = len(columns["seed"])
+    arrays = {name: pa.array(columns[name], type=SCHEMA.field(name).type) for name in WORKER_COLUMNS}
+    arrays["model_digest"] = pa.array([model_digest] * n, type=pa.string())
+    arrays["run_id"] = pa.array([run_id] * n, type=pa.string())
+    table = pa.Table.from_arrays([arrays[f.name] for f in SCHEMA], schema=SCHEMA).sort_by("seed")
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes(part_uri(out, shard), buf.getvalue())
+
+
+def validate(out: str, plan: SeedPlan) -> int:
+    """Check that every shard has its part with exactly its seeds, once each, sorted; return the row
+    count. Reads only the seed column, one part at a time, so memory stays that of one shard."""
+    fs, root = storage.filesystem(out)
+    missing = sorted(set(range(plan.num_shards)) - completed_shards(out))
+    if missing:
+        raise ManifestError(
+            f"{out}: manifest parts missing for shards {missing[:10]} ({len(missing)} in all)"
+        )
+    rows = 0
+    for shard in range(plan.num_shards):
+        path = posixpath.join(root, "manifest", f"part-{shard_name(shard)}.parquet")
+        got = pq.read_table(path, columns=["seed"], filesystem=fs)["seed"].to_numpy()
+        expected = np.sort(plan.shard_seeds(shard))
+        if not np.array_equal(got, expected):
+            raise ManifestError(
+                f"{part_uri(out, shard)}: holds {len(got)} seeds, expected the {len(expected)} seeds of shard "
+                f"{shard} once each, sorted"
+            )
+        rows += len(got)
+    return rows
+
+
+def run_info(
+    *,
+    run_id: str,
+    model_digest: str,
+    plan: SeedPlan,
+    steps: int | None,
+    bf16: bool | None,
+    config: dict,
+    versions: dict,
+) -> dict[str, Any]:
+    """The content of run.json: the identity keys first, then provenance."""
+    return {
+        "model_digest": model_digest,
+        "seeds": plan.describe(),
+        "shard_size": plan.shard_size,
+        "steps": steps,
+        "bf16": bf16,
+        "run_id": run_id,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": config,
+        "versions": versions,
+    }
+
+
+def read_run(out: str) -> dict[str, Any] | None:
+    uri = storage.join(out, "run.json")
+    if not storage.exists(uri):
+        return None
+    return json.loads(storage.read_bytes(uri))
+
+
+def write_run(out: str, info: dict[str, Any]) -> None:
+    storage.write_bytes(storage.join(out, "run.json"), json.dumps(info, indent=2, sort_keys=False).encode())
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences in the identity keys between a previous run.json and this run."""
+    return [
+        f"{k}: existing {old.get(k)!r}, this run {new[k]!r}" for k in IDENTITY_KEYS if old.get(k) != new[k]
+    ]
+
+
+def clear(out: str) -> None:
+    """Remove a previous run's run.json, manifest/ and images/ (and nothing else under OUT)."""
+    storage.delete_dir(storage.join(out, "manifest"))
+    storage.delete_dir(storage.join(out, "images"))
+    run_json = storage.join(out, "run.json")
+    if storage.exists(run_json):
+        fs, path = storage.filesystem(run_json)
+        fs.delete_file(path)
+
+
+def has_output(out: str) -> bool:
+    """Whether OUT already holds generation output (manifest parts or images)."""
+    return storage.exists(storage.join(out, "manifest")) or storage.exists(storage.join(out, "images"))
