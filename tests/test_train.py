@@ -1,0 +1,165 @@
+"""Tests of pipeline/train.py and jobs/train.py: real Ray Train runs of the tiny model on CPU.
+
+One 2-worker DDP run (gloo) with a failure injected after epoch 1 serves several tests: the
+data is sharded, the losses fall, Ray Train's FailureConfig resumes from epoch 1's checkpoint,
+the exported checkpoint loads and generates, and W&B's offline files hold the metrics. A
+second run on s3:// storage (moto) is stopped by a failure and resumed by running it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jobs.train import parse_args, smoke_test_config
+from model.checkpoint import load_checkpoint
+from pipeline import storage
+from pipeline.engrave import render_dataset
+from pipeline.metrics_log import wandb_run_id
+from pipeline.train import TrainConfig, TrainError, load_train_config, run_training
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("data"))
+    render_dataset(out, count=160, size=64, seed=0)  # read at 32 px (configs/tiny.yaml)
+    return out
+
+
+def tiny(data: str, storage_path: str, name: str, **changes) -> TrainConfig:
+    return load_train_config(TINY).replace(data=data, storage_path=storage_path, name=name, **changes)
+
+
+def metrics_rows(cfg: TrainConfig, kind: str) -> list[dict]:
+    text = storage.read_bytes(storage.join(cfg.storage_path, cfg.name, "metrics.jsonl")).decode()
+    return [r for r in map(json.loads, text.splitlines()) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ray_local, data, tmp_path_factory):
+    """2 workers, 3 epochs; every worker raises after epoch 1 on the first attempt."""
+    cfg = tiny(data, str(tmp_path_factory.mktemp("runs")), "ddp", num_workers=2, fail_after_epoch=1, max_failures=1)
+    export = run_training(cfg)
+    return cfg, export, metrics_rows(cfg, "epoch")
+
+
+def test_two_workers_each_train_on_half_the_data(ddp_run, data):
+    cfg, _, epochs = ddp_run
+    n_train = sum(1 for _ in open(os.path.join(data, "metadata.jsonl"))) * 0.9  # ~10% is val
+    for row in epochs:
+        per_worker = row["perf/samples_per_worker"]
+        assert len(per_worker) == 2
+        assert per_worker[0] == per_worker[1]  # equal split: DDP steps stay in lockstep
+        assert 0.35 * n_train <= per_worker[0] <= 0.5 * n_train
+        assert row["perf/samples_per_s"] > 0
+
+
+def test_losses_fall(ddp_run):
+    _, _, epochs = ddp_run
+    assert epochs[-1]["train_epoch/loss_total"] < 0.8 * epochs[0]["train_epoch/loss_total"]
+    assert epochs[-1]["val/loss_total"] < epochs[0]["val/loss_total"]
+    for key in ("val/image_mse", "val/caption_perplexity", "train_epoch/grad_norm", "perf/rss_gb"):
+        assert all(np.isfinite(r[key]) for r in epochs)
+
+
+def test_failure_resumes_from_the_epoch_1_checkpoint(ddp_run):
+    """Epoch 1 ran once: after the injected failure, Ray Train restarted the workers from
+    epoch 1's checkpoint (epoch 2 continues its step count), not from scratch."""
+    cfg, _, epochs = ddp_run
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    steps = epochs[0]["global_step"]
+    assert [r["global_step"] for r in epochs] == [steps, 2 * steps, 3 * steps]
+    run = Path(cfg.storage_path) / cfg.name
+    assert (run / "final" / "train_state.json").exists()
+    assert len(list(run.glob("epoch-*"))) <= cfg.num_to_keep
+
+
+def test_exported_checkpoint_loads_and_generates(ddp_run):
+    cfg, export, _ = ddp_run
+    assert export == os.path.join(cfg.storage_path, cfg.name, "export")
+    ink = load_checkpoint(export)
+    assert ink.extra["phase"] == "done" and ink.extra["run"] == "ddp"
+    assert ink.config.image_size == 32
+    # Phase 2 fitted the prior's standardization on the training latents.
+    assert not torch.allclose(ink.model.prior.latent_std, torch.ones_like(ink.model.prior.latent_std))
+    samples = ink.generate([0, 1, 2])
+    assert samples.images.shape == (3, 32, 32) and samples.images.dtype == np.uint8
+    assert len(samples.captions) == 3 and all(isinstance(c, str) for c in samples.captions)
+    again = ink.generate([1])
+    assert again.captions[0] == samples.captions[1]
+
+
+def test_wandb_offline_files_hold_the_metrics(ddp_run):
+    cfg, _, _ = ddp_run
+    run_id = wandb_run_id(cfg.storage_path, cfg.name)
+    wandb_root = Path(cfg.storage_path) / cfg.name / "wandb" / "wandb"
+    runs = sorted(wandb_root.glob("offline-run-*"))
+    # One offline run per attempt (before and after the failure), both under the same run id.
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    records = b"".join((r / f"run-{run_id}.wandb").read_bytes() for r in runs)
+    for name in (
+        "train/loss_total", "train/caption_ce", "train/grad_norm", "train/lr", "train_epoch/image_mse",
+        "val/loss_total", "val/caption_accuracy", "val/caption_perplexity", "val/latent_std",
+        "perf/samples_per_s", "perf/epoch_time_s", "perf/rss_gb", "samples/table", "prior/loss",
+    ):
+        assert name.encode() in records, name
+    media = runs[-1] / "files" / "media"
+    assert list(media.rglob("*.table.json")) and list(media.rglob("*.png"))  # samples table + gallery
+
+
+def test_stopped_run_resumes_when_run_again_on_s3(ray_local, data):
+    """max_failures=0: the injected failure ends the job; the same command again continues
+    from epoch 1's checkpoint on S3, and a third run of the finished job only re-exports."""
+    cfg = tiny(data, "s3://inkseed-test/runs", "resume", epochs=2, max_failures=0, log_samples=0,
+               wandb_mode="disabled")
+    with pytest.raises(Exception, match="injected failure after epoch 1"):
+        run_training(cfg.replace(fail_after_epoch=1))
+    assert [r["epoch"] for r in metrics_rows(cfg, "epoch")] == [1]
+    export = run_training(cfg)
+    assert [r["epoch"] for r in metrics_rows(cfg, "epoch")] == [1, 2]
+    assert export == "s3://inkseed-test/runs/resume/export"
+    assert storage.exists(storage.join(export, "model.safetensors"))
+    assert run_training(cfg) == export
+    assert [r["epoch"] for r in metrics_rows(cfg, "epoch")] == [1, 2]
+
+
+def test_clear_errors_before_training(ray_local, data, tmp_path):
+    base = tiny(data, str(tmp_path / "runs"), "errors")
+    with pytest.raises(TrainError, match="does not exist"):
+        run_training(base.replace(data=str(tmp_path / "nowhere")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainError, match="empty folder"):
+        run_training(base.replace(data=str(tmp_path / "empty")))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(TrainError, match="not writable"):
+        run_training(base.replace(storage_path=str(tmp_path / "a-file" / "runs")))
+    with pytest.raises(TrainError, match="asked for 64 CPU"):
+        run_training(base.replace(num_workers=64))
+    assert not (tmp_path / "runs" / "errors").exists()
+
+
+def test_config_file_and_cli_overrides(tmp_path):
+    cfg = parse_args(["--config", TINY, "--epochs", "7", "--num-workers", "2", "--loss-weight", "kl=0.01",
+                      "--storage-path", "s3://b/runs", "--use-gpu"])
+    assert (cfg.preset, cfg.epochs, cfg.num_workers, cfg.use_gpu) == ("tiny", 7, 2, True)
+    assert cfg.loss_weights == {"kl": 0.01} and cfg.storage_path == "s3://b/runs"
+    smoke = smoke_test_config(cfg)
+    assert (smoke.epochs, smoke.preset, smoke.name) == (1, "tiny", "inkseed-tiny-smoke")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 3\nbatchsize: 8\n")
+    with pytest.raises(ValueError, match="batchsize"):
+        load_train_config(str(bad))
+    with pytest.raises(ValueError, match="unknown loss weight"):
+        from pipeline.train import model_config
+
+        model_config(cfg.replace(loss_weights={"klx": 1.0}))
