@@ -1,0 +1,315 @@
+"""Self-describing, pickle-free checkpoints.
+
+A checkpoint is one directory:
+
+    model.safetensors   the JointModel weights (tied weights stored once)
+    config.json         {"format_version", "model_config", "vocab_size", "weights_sha256", "extra"}
+    tokenizer.json      the `tokenizers` JSON string
+
+`load_checkpoint(path)` alone rebuilds model + tokenizer; it reads only JSON and safetensors
+(never pickle) and raises `CheckpointError` naming the file and the problem when a file is
+missing, truncated, corrupt, tampered with (sha256 mismatch) or does not fit the config.
+The digest (sha256 over the three files, in a fixed order) identifies a checkpoint for provenance.
+
+`save_state` / `load_state` store any dict of tensors plus JSON metadata the same way (e.g. the
+optimizer, see `optimizer_state_to_tensors`), so training resumes without pickle either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model import sampling
+from model.config import ModelConfig
+from model.networks import JointModel
+from model.tokenizer import CaptionTokenizer
+
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+FILES = (CONFIG, WEIGHTS, TOKENIZER)  # digest order
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, corrupt, tampered with or does not fit its config."""
+
+    def __init__(self, file: str | os.PathLike, problem: str) -> None:
+        self.file, self.problem = str(file), problem
+        super().__init__(f"{file}: {problem}")
+
+
+# -- hashing / atomic writes ----------------------------------------------------------------------
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """sha256 over (name, size, bytes) of config.json, model.safetensors, tokenizer.json."""
+    h = hashlib.sha256()
+    for name in FILES:
+        p = Path(path) / name
+        h.update(f"{name}\0{p.stat().st_size}\0".encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict with tied tensors kept once (safetensors refuses shared storage)."""
+    out, seen = {}, set()
+    for k, v in model.state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if v.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[k] = v.detach().to("cpu").contiguous()
+    return out
+
+
+# -- save / load ----------------------------------------------------------------------------------
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: JointModel,
+    tokenizer: CaptionTokenizer,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Write the checkpoint directory (each file atomically); returns its digest."""
+    if tokenizer.vocab_size != model.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} tokens, model was built for {model.vocab_size}"
+        )
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    _atomic_save_tensors(root / WEIGHTS, _unique_state(model), {"format": "pt"})
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_class": "JointModel",
+        "model_config": model.config.to_dict(),
+        "vocab_size": model.vocab_size,
+        "weights_sha256": sha256_file(root / WEIGHTS),
+        "extra": extra or {},
+    }
+    try:
+        text = json.dumps(meta, indent=2, sort_keys=True)
+    except TypeError as e:
+        raise TypeError(f"checkpoint `extra` must be JSON-serializable: {e}") from e
+    _atomic_write(root / CONFIG, text.encode())
+    _atomic_write(root / TOKENIZER, tokenizer.to_json().encode())
+    return checkpoint_digest(root)
+
+
+@dataclass
+class Inkseed:
+    """A loaded checkpoint: the model (eval mode), its tokenizer, config, digest and extra info."""
+
+    model: JointModel
+    tokenizer: CaptionTokenizer
+    config: ModelConfig
+    digest: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def generate(self, seeds: Sequence[int], **kw: Any) -> sampling.Samples:
+        return sampling.generate(self.model, self.tokenizer, seeds, **kw)
+
+    def caption(self, images: np.ndarray | torch.Tensor, **kw: Any) -> list[str]:
+        return sampling.caption(self.model, self.tokenizer, images, **kw)
+
+    def illustrate(self, captions: Sequence[str], seeds: Sequence[int], **kw: Any) -> np.ndarray:
+        return sampling.illustrate(self.model, self.tokenizer, captions, seeds, **kw)
+
+    def interpolate(self, seed_a: int, seed_b: int, steps: int = 8, **kw: Any) -> sampling.Samples:
+        return sampling.interpolate(self.model, self.tokenizer, seed_a, seed_b, steps, **kw)
+
+    def alignment(self, images: np.ndarray | torch.Tensor, captions: Sequence[str], **kw: Any) -> np.ndarray:
+        return sampling.alignment(self.model, self.tokenizer, images, captions, **kw)
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(file, f"not readable as JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(file, "expected a JSON object")
+    return data
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> Inkseed:
+    """Rebuild model + tokenizer from a checkpoint directory; never unpickles."""
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(root, "checkpoint directory does not exist")
+    if not root.is_dir():
+        raise CheckpointError(
+            root, "is not a checkpoint directory (expected a directory with " + ", ".join(FILES) + ")"
+        )
+    for name in FILES:
+        if not (root / name).is_file():
+            raise CheckpointError(root / name, "missing from the checkpoint directory")
+
+    # 1. config.json: format, model config, expected weights hash.
+    meta = _read_json(root / CONFIG)
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            root / CONFIG, f"unsupported format_version {version!r} (this code reads {FORMAT_VERSION})"
+        )
+    for key in ("model_config", "vocab_size", "weights_sha256"):
+        if key not in meta:
+            raise CheckpointError(root / CONFIG, f"missing field {key!r}")
+    try:
+        config = ModelConfig.from_dict(meta["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(root / CONFIG, f"invalid model_config ({e})") from e
+    vocab_size = int(meta["vocab_size"])
+
+    # 2. tokenizer.json.
+    try:
+        tokenizer = CaptionTokenizer.from_json((root / TOKENIZER).read_text())
+    except Exception as e:  # tokenizers raises plain Exception subclasses
+        raise CheckpointError(root / TOKENIZER, f"not a valid tokenizer ({e})") from e
+    if tokenizer.vocab_size != vocab_size:
+        raise CheckpointError(
+            root / TOKENIZER,
+            f"has {tokenizer.vocab_size} tokens but config.json says vocab_size={vocab_size}",
+        )
+
+    # 3. model.safetensors: parse (truncation / corruption), then the hash (tampering).
+    weights = root / WEIGHTS
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(weights, f"truncated or corrupt safetensors file ({e})") from e
+    actual = sha256_file(weights)
+    if actual != meta["weights_sha256"]:
+        raise CheckpointError(
+            weights,
+            f"sha256 mismatch: config.json expects {meta['weights_sha256'][:16]}..., file has {actual[:16]}... "
+            "(the weights were modified or replaced)",
+        )
+
+    # 4. Build the model from the config and check every key and shape before loading.
+    model = JointModel(config, vocab_size)
+    expected = _unique_state(model)
+    where = f"(config.json: image_size={config.image_size}, z_dim={config.z_dim}, channels={list(config.channels)})"
+    bad = [
+        f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if bad:
+        raise CheckpointError(
+            weights, f"shape mismatch with {where} in {len(bad)} weight(s): " + "; ".join(bad[:3])
+        )
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(
+            weights, f"missing {len(missing)} weight(s) the config needs {where}, e.g. {missing[:5]}"
+        )
+    if unexpected:
+        raise CheckpointError(
+            weights, f"{len(unexpected)} unexpected weight(s) {where}, e.g. {unexpected[:5]}"
+        )
+    model.load_state_dict(state, strict=False)  # tied weights arrive through their one stored copy
+    model.to(device).eval()
+    return Inkseed(
+        model, tokenizer, config, checkpoint_digest(root), dict(meta.get("extra") or {}), str(root)
+    )
+
+
+# -- generic tensor state (optimizer, scheduler, RNG) without pickle ------------------------------
+def save_state(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
+) -> None:
+    """One safetensors file: tensors plus JSON metadata (atomic write)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _atomic_save_tensors(p, clean, {"meta": json.dumps(meta or {}, sort_keys=True)})
+
+
+def load_state(
+    path: str | os.PathLike, device: torch.device | str = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Inverse of save_state; CheckpointError on a missing or corrupt file."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(p, "state file does not exist")
+    try:
+        tensors = load_file(str(p), device=str(device))
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            md = f.metadata() or {}
+        meta = json.loads(md.get("meta", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(p, f"truncated or corrupt state file ({e})") from e
+    return tensors, meta
+
+
+def optimizer_state_to_tensors(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten `optimizer.state_dict()` into tensors ("state.<param>.<name>") and JSON meta."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in state_dict["state"].items():
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{pid}.{name}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of optimizer_state_to_tensors: a dict for `optimizer.load_state_dict`."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    for pid, st in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(st)
+    return {"state": state, "param_groups": meta["param_groups"]}

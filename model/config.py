@@ -1,0 +1,177 @@
+"""Model configuration: one typed dataclass and the named size presets.
+
+`PRESETS["tiny"]` is for tests (trains in seconds on CPU), `PRESETS["base"]` is the embedded
+default (128 px, trains on a 2-core CPU in about an hour), `PRESETS["large"]` is for H100 clusters.
+The preset name is the command-line key (`--model-preset base`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _default_loss_weights() -> dict[str, float]:
+    return {
+        # Per-pixel L1 is the main reconstruction term: L1 keeps edges sharper than MSE.
+        "image_l1": 1.0,
+        # L1 on x/y finite differences: hatching is 1-2 px lines, whose gradients L1 alone
+        # under-weights; this term is what keeps lines from averaging to gray.
+        "image_grad": 1.0,
+        # Captions are easy (CE reaches ~1e-4 quickly); weight 1 is plenty.
+        "caption_ce": 1.0,
+        # beta of the VAE: small, so z keeps the detail the decoders need; the fitted
+        # prior (not N(0, I)) is what makes seeds land where the decoders were trained.
+        "kl": 1e-3,
+        # InfoNCE between the image-only and caption-only encodings: ties the two
+        # posteriors together and gives the alignment score; kept below reconstruction.
+        "contrastive": 0.1,
+    }
+
+
+@dataclass
+class ModelConfig:
+    """Every size and weight of the joint model. Serialized into the checkpoint's config.json."""
+
+    # Side of the square grayscale image, a power of two >= 8 (tiny 64, base 128, large 512).
+    image_size: int = 128
+    # Shared latent size: 64 was enough in the prototype for ~6 discrete attributes plus layout.
+    z_dim: int = 64
+    # Conv channels from the 4x4 base up to full resolution: len == log2(image_size / 4) + 1.
+    # A 3x3 conv costs 9 C_in C_out S^2, so the high-resolution stages are kept narrow:
+    # ~0.69 GMAC (1.4 GFLOP) per training sample at 128 px, so ~10 epochs of 18K images fit
+    # in an hour on 2 CPU cores; the texture bank carries the full-resolution hatching that
+    # 8 channels alone could not paint. (256, 160, 96, 48, 24, 12) costs 2x for more capacity.
+    channels: tuple[int, ...] = (128, 128, 64, 32, 16, 8)
+    # Learned full-resolution "plate texture" maps the decoder gates into its last stage:
+    # hatching sits at fixed plate coordinates, which translation-equivariant convs cannot
+    # place sharply by themselves. 0 disables.
+    texture_bank: int = 8
+    # Width of the caption transformers (encoder and decoder) and of the contrastive input.
+    text_width: int = 128
+    # Caption decoder depth; captions come from a small grammar, 2 layers suffice.
+    text_layers: int = 2
+    # Caption encoder depth (bidirectional).
+    text_encoder_layers: int = 2
+    # Attention heads in both caption transformers (head dim = text_width / text_heads).
+    text_heads: int = 4
+    # Token budget per caption incl. bos and eos: grammar captions are <= ~24 tokens.
+    max_caption_tokens: int = 32
+    # z becomes this many prefix tokens every caption position attends to.
+    prefix_tokens: int = 4
+    # Width of the pooled image feature and of the contrastive embedding.
+    feature_dim: int = 256
+    embed_dim: int = 64
+    # Diffusion prior over z: residual-MLP width and number of residual blocks.
+    prior_width: int = 256
+    prior_depth: int = 3
+    # Diffusion training steps (cosine schedule) and default DDIM sampling steps.
+    prior_timesteps: int = 1000
+    ddim_steps: int = 50
+    # Probability that a training sample uses the joint, image-only or caption-only
+    # posterior (MVAE-style sub-sampling), so captioning and illustrating decode well too.
+    posterior_mix: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    # KL free bits per latent dimension (nats); 0 disables. Stops posterior collapse of dims.
+    free_bits: float = 0.0
+    # Dropout in the caption transformers: the data are procedural and plentiful, so 0.
+    dropout: float = 0.0
+    # Loss weights (see _default_loss_weights for why each).
+    loss_weights: dict[str, float] = field(default_factory=_default_loss_weights)
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        self.posterior_mix = tuple(float(p) for p in self.posterior_mix)  # type: ignore[assignment]
+        weights = _default_loss_weights()
+        weights.update({k: float(v) for k, v in dict(self.loss_weights).items()})
+        self.loss_weights = weights
+        self.validate()
+
+    @property
+    def num_stages(self) -> int:
+        """Number of x2 resolution stages between 4x4 and image_size."""
+        return int(round(math.log2(self.image_size / 4)))
+
+    def validate(self) -> None:
+        s = self.image_size
+        if s < 8 or s & (s - 1):
+            raise ValueError(f"image_size must be a power of two >= 8, got {s}")
+        if len(self.channels) != self.num_stages + 1:
+            raise ValueError(
+                f"channels needs log2({s}/4)+1 = {self.num_stages + 1} entries, got {len(self.channels)}"
+            )
+        if self.text_width % self.text_heads:
+            raise ValueError("text_width must be divisible by text_heads")
+        if len(self.posterior_mix) != 3 or abs(sum(self.posterior_mix) - 1.0) > 1e-6:
+            raise ValueError(f"posterior_mix must be 3 probabilities summing to 1, got {self.posterior_mix}")
+        unknown = set(self.loss_weights) - set(_default_loss_weights())
+        if unknown:
+            raise ValueError(f"unknown loss weight(s): {sorted(unknown)}")
+        if self.max_caption_tokens < 3:
+            raise ValueError("max_caption_tokens must be >= 3 (bos, a word, eos)")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["channels"] = list(self.channels)
+        d["posterior_mix"] = list(self.posterior_mix)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s): {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated)."""
+        return ModelConfig.from_dict({**self.to_dict(), **changes})
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Tests: 64 px, narrow; a few seconds of CPU training overfits 64 samples.
+    "tiny": ModelConfig(
+        image_size=64,
+        z_dim=32,
+        channels=(128, 64, 32, 16, 8),
+        texture_bank=4,
+        text_width=64,
+        text_layers=2,
+        text_encoder_layers=1,
+        text_heads=2,
+        prefix_tokens=2,
+        feature_dim=128,
+        embed_dim=32,
+        prior_width=128,
+        prior_depth=2,
+        ddim_steps=20,
+    ),
+    # The embedded default (== the dataclass defaults): 128 px, sized for ~1 hour of training
+    # on 2 CPU cores (see the `channels` comment).
+    "base": ModelConfig(),
+    # H100 clusters: 512 px, z 256, wide channels and a deeper text stack.
+    "large": ModelConfig(
+        image_size=512,
+        z_dim=256,
+        channels=(512, 512, 384, 256, 192, 128, 64, 32),
+        texture_bank=16,
+        text_width=512,
+        text_layers=6,
+        text_encoder_layers=4,
+        text_heads=8,
+        prefix_tokens=8,
+        feature_dim=1024,
+        embed_dim=256,
+        prior_width=1024,
+        prior_depth=6,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """A fresh copy of a named preset (mutating it never changes PRESETS)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig.from_dict(PRESETS[name].to_dict())

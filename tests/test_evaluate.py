@@ -1,0 +1,340 @@
+"""pipeline/evaluate.py + jobs/evaluate.py: the metrics on constructed cases (real pairs score
+at the ceiling, shuffled captions at chance, captions outside the grammar are invalid, AUC and
+Fréchet against closed forms), and the job end to end on a tiny untrained checkpoint, on the
+engraving data and on a dataset without attributes (local Ray reads the data)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jobs.evaluate import main, parse_args
+from model.checkpoint import save_checkpoint
+from model.config import get_preset
+from model.networks import JointModel
+from model.tokenizer import CaptionTokenizer
+from pipeline import storage
+from pipeline.engrave import make_sample, render_dataset
+from pipeline.evaluate import (
+    EvaluateConfig,
+    EvaluateError,
+    auc,
+    chance_coherence,
+    coherence,
+    contact_sheet,
+    coverage,
+    derangement,
+    diversity,
+    format_table,
+    frechet_distance,
+    validity,
+)
+from pipeline.grammar import ATTRIBUTES, make_caption, parse_caption, sample_attributes
+from pipeline.probe import Probe, ProbeConfig, RealSet, accuracy, train_probe
+
+NAMES = list(ATTRIBUTES)
+SIZE = 64
+
+
+def scenes(n: int, seed: int) -> tuple[list[dict[str, str]], list[str]]:
+    rng = random.Random(seed)
+    attrs = [sample_attributes(rng) for _ in range(n)]
+    return attrs, [make_caption(a, rng) for a in attrs]
+
+
+# -- metrics on constructed cases -------------------------------------------------------------------
+def test_coherence_of_true_pairs_is_one_and_of_shuffled_pairs_is_chance() -> None:
+    truth, captions = scenes(3000, 0)
+    parsed = [parse_caption(c) for c in captions]
+    assert coherence(truth, parsed, NAMES) == {**dict.fromkeys(NAMES, 1.0), "all": 1.0}
+    shuffled = [parsed[j] for j in derangement(len(parsed), np.random.default_rng(0))]
+    got, chance = coherence(truth, shuffled, NAMES), chance_coherence(truth, shuffled, NAMES)
+    for k in NAMES:
+        assert abs(got[k] - chance[k]) < 0.03, (k, got[k], chance[k])
+        assert chance[k] < 0.6
+    assert got["all"] < 0.01
+
+
+def test_coherence_counts_reader_errors_and_invalid_captions() -> None:
+    truth, captions = scenes(1000, 1)
+    parsed = [parse_caption(c) for c in captions]
+    rng = np.random.default_rng(1)
+    # A reader that gets the subject wrong 10% of the time.
+    read = [dict(a) for a in truth]
+    for i in rng.choice(len(read), 100, replace=False):
+        read[i]["subject"] = next(v for v in ATTRIBUTES["subject"] if v != read[i]["subject"])
+    got = coherence(read, parsed, NAMES)
+    assert got["subject"] == pytest.approx(0.9) and got["all"] == pytest.approx(0.9)
+    assert got["sky"] == 1.0
+    # A caption outside the grammar matches nothing.
+    parsed[:50] = [None] * 50
+    assert coherence(truth, parsed, NAMES)["sky"] == pytest.approx(0.95)
+
+
+def test_caption_validity() -> None:
+    captions = [
+        "an engraving of a ship at sea, in the middle, by day",
+        "an etching of a windmill on the hills , on the left , under a crescent moon at night .",
+        "a photo of a cat",  # not the grammar
+        "an engraving of a ship in a field, on the left, by day",  # breaks a world rule
+        "an engraving of a ship at sea, by day",  # no position
+        "an engraving",  # the predecessor's fallback
+    ]
+    got = validity(captions)
+    assert got["share"] == pytest.approx(2 / 6) and got["n"] == 6
+    assert got["invalid_examples"] == captions[2:]
+
+
+def test_diversity_and_coverage() -> None:
+    train = [
+        "an engraving of a ship at sea, in the middle",
+        "a print of a tree in a field, to the left, by day",
+    ]
+    gen = [
+        "An engraving of a ship at sea , in the middle.",
+        "a print of a house in the town, on the left, at dusk",
+    ] * 2
+    got = diversity(gen, train)
+    assert got["distinct_share"] == 0.5 and got["novel_share"] == 0.5
+    truth, _ = scenes(200, 2)
+    half = truth[:100]
+    cov = coverage(truth, half + [None] * 50, NAMES)
+    combos = {tuple(a.values()) for a in truth}
+    assert cov["combos"] == pytest.approx(len({tuple(a.values()) for a in half}) / len(combos))
+    assert coverage(truth, truth, NAMES) == {"combos": 1.0, "pairs": 1.0, "reference_combos": len(combos)}
+    one = coverage(truth, [truth[0]] * 200, NAMES)  # mode collapse
+    assert one["combos"] == 1 / len(combos) and one["pairs"] < 0.1
+
+
+def test_auc_rank_based() -> None:
+    rng = np.random.default_rng(0)
+    same = rng.normal(size=500)
+    assert auc(same, same) == 0.5  # identical scores: ties count half
+    assert auc(np.array([0.9, 0.8]), np.array([0.1, 0.2, 0.3])) == 1.0
+    assert auc(np.array([0.1]), np.array([0.5, 0.6])) == 0.0
+    pos, neg = rng.normal(0.5, 1, 300).round(1), rng.normal(0, 1, 200).round(1)  # many ties
+    brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+    assert auc(pos, neg) == pytest.approx(brute, abs=1e-12)
+
+
+def test_frechet_distance_closed_form() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20000, 4)) * np.array([1.0, 2.0, 0.5, 1.0])
+    y = rng.normal(size=(20000, 4)) * np.array([1.0, 1.0, 0.5, 3.0]) + np.array([1.0, 0, 0, 0])
+    # Diagonal Gaussians: |mu|^2 + sum (sigma_x - sigma_y)^2 = 1 + 1 + 0 + 4.
+    assert frechet_distance(x, y) == pytest.approx(6.0, rel=0.05)
+    assert frechet_distance(x, y) == pytest.approx(frechet_distance(y, x), rel=1e-6)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="two"):
+        frechet_distance(x, y[:, :3])
+
+
+def test_derangement_moves_every_item() -> None:
+    for n in (2, 3, 10, 257):
+        perm = derangement(n, np.random.default_rng(n))
+        assert sorted(perm) == list(range(n)) and not np.any(perm == np.arange(n))
+
+
+# -- the probe on real pairs: at the ceiling; shuffled: at chance -----------------------------------
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, two spin-waiting threads run ~4x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def rendered(start: int, count: int) -> RealSet:
+    samples = [make_sample(11, i, SIZE) for i in range(start, start + count)]
+    return RealSet(
+        np.stack([s[2] for s in samples]),
+        [s[1] for s in samples],
+        [str(i) for i in range(count)],
+        [s[0] for s in samples],
+    )
+
+
+@pytest.fixture(scope="module")
+def probe() -> Probe:
+    cfg = ProbeConfig(image_size=SIZE, epochs=3, batch_size=32, min_steps=80)
+    return train_probe(rendered(0, 512), rendered(5000, 100), cfg, log=lambda _: None)
+
+
+def test_real_pairs_score_at_the_ceiling_and_shuffled_near_chance(probe: Probe) -> None:
+    real = rendered(20_000, 400)
+    read, _ = probe.read(real.images)
+    parsed = [parse_caption(c) for c in real.captions]
+    got = coherence(read, parsed, NAMES)
+    # Real captions say exactly the metadata: coherence of real pairs is the probe's accuracy.
+    assert got == accuracy(read, real.attributes)
+    assert got["all"] >= 0.8 and min(got[k] for k in NAMES) >= 0.9, got
+    shuffled = [parsed[j] for j in derangement(len(parsed), np.random.default_rng(3))]
+    bad, chance = coherence(read, shuffled, NAMES), chance_coherence(read, shuffled, NAMES)
+    for k in NAMES:
+        assert abs(bad[k] - chance[k]) < 0.08, (k, bad[k], chance[k])
+    assert bad["all"] < 0.05
+
+
+# -- the job end to end -----------------------------------------------------------------------------
+def tiny_checkpoint(path: Path, captions: list[str]) -> str:
+    """An untrained tiny (64 px) checkpoint, its caption decoder scrambled so captions vary by seed."""
+    torch.manual_seed(0)
+    tok = CaptionTokenizer.train(captions)
+    model = JointModel(get_preset("tiny"), tok.vocab_size)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("caption_decoder", "prior.out")):
+                p.add_(torch.randn_like(p) * 0.3)
+        model.fit_latent_stats(torch.randn(256, model.config.z_dim) * 2 + 0.5)
+    save_checkpoint(path, model, tok)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def engravings(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("eval") / "engravings"
+    render_dataset(str(data), 400, SIZE, 5)
+    return data
+
+
+@pytest.fixture(scope="module")
+def checkpoint(engravings: Path) -> str:
+    captions = [json.loads(line)["text"] for line in (engravings / "metadata.jsonl").read_text().splitlines()]
+    return tiny_checkpoint(engravings.parent / "ckpt", captions)
+
+
+# Small and quick: 48 seeds, a probe of ~60 steps, few conditional pairs and determinism seeds.
+FAST_ARGS = ["--num-seeds", "48", "--batch-size", "16", "--num-conditional", "24", "--determinism-seeds", "4"]
+FAST_PROBE = ProbeConfig(epochs=1, batch_size=32, min_steps=60)
+
+
+def run_job(checkpoint: str, data: Path | str, out: Path | str) -> dict:
+    cfg = parse_args(["--checkpoint", checkpoint, "--data", str(data), "--out", str(out), *FAST_ARGS])
+    cfg.probe = FAST_PROBE
+    return main(cfg)
+
+
+def test_job_end_to_end(ray_local, checkpoint: str, engravings: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    report = run_job(checkpoint, engravings, out)
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert report["skipped"] == {}
+    held_out = report["data"]["held_out"]
+    assert 20 <= held_out <= 70 and report["data"]["train_captions"] == 400 - held_out
+
+    probe = report["probe"]
+    assert probe["image_size"] == SIZE and probe["val_size"] == held_out and not probe["cached"]
+    assert set(probe["accuracy"]) == {*NAMES, "all"} and Path(probe["path"]).parent == engravings / ".probe"
+
+    coh = report["coherence"]
+    assert set(coh) >= {*NAMES, "all", "ceiling", "n", "ceiling_n"} and coh["n"] == 48
+    assert coh["ceiling"] == probe["accuracy"]  # real captions say exactly their metadata
+    assert 0 <= report["validity"]["share"] <= 1
+    assert report["validity"]["share"] < 0.5  # an untrained decoder does not speak the grammar
+    assert report["diversity"]["distinct_share"] > 0.5 and report["diversity"]["novel_share"] > 0.5
+    cov = report["coverage"]
+    assert cov["n"] == held_out // 2 and 0 <= cov["pairs"] <= 1 and cov["pairs_ceiling"] > 0.5
+    fid = report["fidelity"]
+    assert fid["n"] == held_out // 2 and fid["frechet"] > fid["floor"] > 0 and "note" in fid
+    cond = report["conditional"]
+    assert cond["caption"]["n"] == 24 and set(cond["caption"]["accuracy"]) == {*NAMES, "all", "mean"}
+    assert cond["illustrate"]["n"] == 24 and set(cond["illustrate"]["agreement"]) == {*NAMES, "all", "mean"}
+    det = report["determinism"]
+    assert det["mismatches"] == 0 and det["seeds_checked"] == 4 and det["max_pixel_diff"] <= 1
+    assert len(det["batch_sizes"]) == 3
+    for side, n in (("generated", 48), ("real", min(held_out, 48))):
+        a = report["alignment"][side]
+        assert a["n"] == n and 0 <= a["auc"] <= 1 and set(a["true_pairs"]) >= {"mean", "q05", "q50", "q95"}
+
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.size[0] > 8 * 192 and sheet.size[1] > 4 * 192  # 32 tiles, 8 per row
+    page = (out / "contact_sheet.html").read_text()
+    assert page.count("<figure>") == 32 and "seed 31" in page
+    table = format_table(report)
+    assert "coherence, all attributes" in table and "determinism mismatches" in table
+
+    # A second run reuses the cached probe.
+    again = run_job(checkpoint, engravings, tmp_path / "eval2")
+    assert again["probe"]["cached"] and again["probe"]["accuracy"] == probe["accuracy"]
+    assert again["coherence"] == coh  # same seeds, same checkpoint, same probe
+
+
+def test_dataset_without_attributes(ray_local, checkpoint: str, engravings: Path, tmp_path: Path) -> None:
+    """Any image folder with captions: what applies is reported, the rest skipped with a reason."""
+    data = tmp_path / "plain"
+    data.mkdir()
+    lines = []
+    for i, row in enumerate(
+        json.loads(line) for line in (engravings / "metadata.jsonl").read_text().splitlines()
+    ):
+        if i >= 120:
+            break
+        image = str(engravings / row["file_name"])
+        lines.append(json.dumps({"file_name": image, "text": f"plate {i}: a study in line and shade"}))
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "eval"
+    report = run_job(checkpoint, data, out)
+    for metric in ("validity", "coherence", "coverage", "fidelity", "conditional"):
+        assert set(report[metric]) == {"skipped"} and report["skipped"][metric] == report[metric]["skipped"]
+    assert "grammar" in report["validity"]["skipped"]
+    assert "attribute" in report["fidelity"]["skipped"] and "attribute" in report["probe"]["skipped"]
+    assert report["diversity"]["novel_share"] == 1.0
+    assert report["determinism"]["mismatches"] == 0 and "auc" in report["alignment"]["real"]
+    assert (out / "contact_sheet.png").is_file() and (out / "contact_sheet.html").is_file()
+    assert not (data / ".probe").exists()  # no probe trained
+    assert re.search(r"skipped coherence: only 0\.0% of the held-out rows", format_table(report))
+
+
+def test_contact_sheet(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 32, 32), dtype=np.uint8)
+    captions = ["a <b>bold</b> caption", "two", "three"]
+    png, page = tmp_path / "s" / "sheet.png", tmp_path / "s" / "sheet.html"
+    contact_sheet(images, captions, [0.5, -0.25, 0.125], str(png), str(page), seeds=[7, 8, 9])
+    assert Image.open(png).mode == "L"
+    text = page.read_text()
+    assert "&lt;b&gt;bold&lt;/b&gt;" in text and "<b>bold</b>" not in text
+    assert "seed 8</b> · alignment -0.250" in text
+    first = re.search(r'src="data:image/png;base64,([^"]+)"', text).group(1)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(first)))), images[0])
+    with pytest.raises(ValueError, match="as many"):
+        contact_sheet(images, captions[:2], [0.0] * 3, str(png), str(page))
+
+
+def test_bad_config_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(EvaluateError, match="does not exist"):
+        EvaluateConfig(data=str(tmp_path / "nope")).validate()
+    with pytest.raises(EvaluateError, match="num_seeds"):
+        EvaluateConfig(data=str(tmp_path), num_seeds=0).validate()
+    cfg = parse_args(["--num-seeds", "10", "--probe-epochs", "5", "--probe-cache", "c", "--seed-start", "3"])
+    assert (cfg.num_seeds, cfg.probe.epochs, cfg.probe_cache, cfg.seed_start) == (10, 5, "c", 3)
+
+
+def test_s3_checkpoint_data_and_output(ray_local, s3_server: str, checkpoint: str, engravings: Path) -> None:
+    """Checkpoint, dataset, probe cache and report all on S3 (moto's server)."""
+    root = "s3://inkseed-test/eval-test"
+    for path in [
+        *engravings.glob("images/*.png"),
+        engravings / "metadata.jsonl",
+        *Path(checkpoint).iterdir(),
+    ]:
+        rel = path.relative_to(engravings.parent)
+        storage.write_bytes(f"{root}/{rel.as_posix()}", path.read_bytes())
+    ckpt, data, out = f"{root}/ckpt", f"{root}/engravings", f"{root}/out"
+    report = run_job(ckpt, data, out)
+    assert report["checkpoint"]["path"] == ckpt and report["determinism"]["mismatches"] == 0
+    assert report["probe"]["path"].startswith(f"{data}/.probe/probe-64px-")
+    assert json.loads(storage.read_bytes(f"{out}/report.json"))["coherence"] == report["coherence"]
+    sheet = Image.open(io.BytesIO(storage.read_bytes(f"{out}/contact_sheet.png")))
+    assert sheet.size[0] > 8 * 192
+    assert storage.read_bytes(f"{out}/contact_sheet.html").decode().count("<figure>") == 32

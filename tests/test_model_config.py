@@ -1,0 +1,86 @@
+"""ModelConfig presets, validation and dict round-trip; shapes of every preset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import PRESETS, ModelConfig, get_preset
+from model.networks import JointModel
+
+torch.set_num_threads(2)
+VOCAB = 40
+
+
+def test_presets_exist_and_roundtrip():
+    assert {"tiny", "base", "large"} <= set(PRESETS)
+    assert PRESETS["tiny"].image_size == 64
+    assert PRESETS["base"].image_size == 128
+    assert PRESETS["large"].image_size == 512 and PRESETS["large"].z_dim == 256
+    for cfg in PRESETS.values():
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_get_preset_is_a_copy():
+    cfg = get_preset("tiny")
+    cfg.loss_weights["kl"] = 123.0
+    assert PRESETS["tiny"].loss_weights["kl"] != 123.0
+    with pytest.raises(KeyError):
+        get_preset("huge")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"image_size": 100},
+        {"channels": (8, 8)},
+        {"posterior_mix": (0.5, 0.5, 0.5)},
+        {"loss_weights": {"nonsense": 1.0}},
+        {"text_width": 30, "text_heads": 4},
+    ],
+)
+def test_invalid_configs_raise(changes):
+    with pytest.raises(ValueError):
+        get_preset("tiny").replace(**changes)
+
+
+def test_unknown_field_raises():
+    with pytest.raises(ValueError, match="unknown"):
+        ModelConfig.from_dict({**PRESETS["tiny"].to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize("name,batch", [("tiny", 3), ("base", 2), ("large", 1)])
+def test_forward_shapes(name, batch):
+    cfg = get_preset(name)
+    model = JointModel(cfg, VOCAB)
+    s, d = cfg.image_size, cfg.z_dim
+    images = torch.rand(batch, s, s) * 2 - 1
+    tokens = torch.randint(4, VOCAB, (batch, cfg.max_caption_tokens))
+    tokens[:, 0], tokens[:, -1] = 1, 2
+    with torch.no_grad():
+        mu, logvar = model.encode_posterior(images, tokens)
+        assert mu.shape == logvar.shape == (batch, d)
+        z = mu
+        assert model.image_decoder(z).shape == (batch, s, s)
+        logits = model.caption_decoder(z, tokens[:, :-1])
+        assert logits.shape == (batch, cfg.max_caption_tokens - 1, VOCAB)
+        out = model(images, tokens)
+    for key in (
+        "loss",
+        "image_l1",
+        "image_grad",
+        "caption_ce",
+        "kl",
+        "contrastive",
+        "image_mse",
+        "caption_accuracy",
+        "latent_mean",
+        "latent_std",
+        "latent_norm",
+    ):
+        assert key in out and out[key].dim() == 0 and torch.isfinite(out[key]), key
+    assert model.prior_loss(torch.randn(batch + 1, d)).dim() == 0
+    if name != "large":  # one backward pass where it is cheap
+        out = model.train()(images, tokens)
+        out["loss"].backward()
+        assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("prior."))
