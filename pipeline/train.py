@@ -301,6 +301,10 @@ def run_training(cfg: TrainConfig) -> str:
     """Train (or resume) the run `<storage_path>/<name>`; returns the exported checkpoint URI."""
     if not ray.is_initialized():
         ray.init()
+    if not storage.is_s3(cfg.storage_path):
+        # Workers run in Ray's own working directory: a relative path would put the metrics
+        # and W&B files there instead of beside the checkpoints.
+        cfg = dataclasses.replace(cfg, storage_path=os.path.abspath(cfg.storage_path))
     check_inputs(cfg)
     export = storage.join(run_dir(cfg), "export")
     finished = finished_checkpoint(cfg)
