@@ -22,7 +22,7 @@ from model.tokenizer import CaptionTokenizer
 
 N, SIZE = 64, 32
 # Minibatches of 16 learn more per CPU-second than full batches of 64 (4 updates per epoch).
-BATCH, EPOCHS, LR = 16, 150, 2e-3
+BATCH, EPOCHS, LR = 16, 130, 2e-3
 
 
 def _synthetic(rng: random.Random, size: int) -> tuple[np.ndarray, str]:
@@ -66,7 +66,17 @@ def make_data(size: int) -> tuple[np.ndarray, list[str]]:
 
 
 def test_tiny_model_overfits_64_samples():
-    torch.set_num_threads(2)
+    # One thread: these small ops gain little from two, and OpenMP barriers on a busy
+    # (oversubscribed) host made a 2-thread run ~20x slower in wall time than a 1-thread one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _overfit()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _overfit() -> None:
     torch.manual_seed(0)
     cfg = get_preset("tiny").replace(image_size=SIZE, channels=get_preset("tiny").channels[:-1])
     images_u8, captions = make_data(cfg.image_size)
@@ -110,6 +120,9 @@ def test_tiny_model_overfits_64_samples():
     with torch.inference_mode():
         mu, _ = model.encode_posterior(images, tokens)
         joint = tok.decode(sampling.decode_tokens(model, mu))
-    assert np.mean([a == b for a, b in zip(joint, captions)]) >= 0.85, list(zip(joint, captions))[:5]
     from_images = sampling.caption(model, tok, images_u8)
-    assert np.mean([a == b for a, b in zip(from_images, captions)]) >= 0.7
+    joint_exact = np.mean([a == b for a, b in zip(joint, captions)])
+    image_exact = np.mean([a == b for a, b in zip(from_images, captions)])
+    print(f"exact captions: joint posterior {joint_exact:.3f}, image only {image_exact:.3f}")
+    assert joint_exact >= 0.85, [(a, b) for a, b in zip(joint, captions) if a != b][:5]
+    assert image_exact >= 0.7
