@@ -143,7 +143,7 @@ def _frequencies(values: Sequence[str]) -> dict[str, float]:
 
 def canonical(text: str) -> str:
     """Caption spelling for verbatim comparison: case, spacing and a word tokenizer's " ," do not count."""
-    return " ".join(text.lower().replace(" ,", ",").split()).removesuffix(".")
+    return " ".join(text.lower().replace(" ,", ",").replace(" .", ".").split()).removesuffix(".")
 
 
 def validity(captions: Sequence[str], examples: int = 5) -> dict[str, Any]:
@@ -636,13 +636,18 @@ def run_evaluation(cfg: EvaluateConfig, log: Log = print) -> dict[str, Any]:
     report["determinism"] = determinism_section(ink, gen, cfg.determinism_seeds, cfg.batch_size)
     t = lap("determinism", t)
     n_real = min(len(val), cfg.num_seeds)
+    real = (
+        alignment_section(
+            ink, val.images[:n_real], val.captions[:n_real], None, cfg.batch_size, cfg.seed_start
+        )
+        if n_real >= 2
+        else {"skipped": f"{n_real} held-out pair(s): shuffling needs at least 2"}
+    )
     report["alignment"] = {
         "generated": alignment_section(
             ink, gen.images, gen.captions, gen.alignment, cfg.batch_size, cfg.seed_start
         ),
-        "real": alignment_section(
-            ink, val.images[:n_real], val.captions[:n_real], None, cfg.batch_size, cfg.seed_start
-        ),
+        "real": real,
     }
     t = lap("alignment", t)
 
