@@ -19,8 +19,7 @@ import argparse
 import sys
 from typing import Any
 
-import ray
-
+from jobs.ray_owner import run_owning_ray
 from model.checkpoint import CheckpointError
 from pipeline.evaluate import EvaluateConfig, run_evaluation
 from pipeline.probe import ProbeConfig
@@ -50,12 +49,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
 
 def main(cfg: EvaluateConfig) -> dict[str, Any]:
     """Run the evaluation; shut Ray down afterwards if this process started it."""
-    started_here = not ray.is_initialized()
-    try:
-        return run_evaluation(cfg)
-    finally:
-        if started_here and ray.is_initialized():
-            ray.shutdown()
+    return run_owning_ray(run_evaluation, cfg)
 
 
 if __name__ == "__main__":

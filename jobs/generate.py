@@ -20,8 +20,7 @@ import argparse
 import sys
 from typing import Any
 
-import ray
-
+from jobs.ray_owner import run_owning_ray
 from pipeline.generate import GenerateConfig, GenerateError, run_generation
 
 # --smoke-test defaults: a one-minute CPU run that exercises every stage, always starting fresh.
@@ -70,12 +69,7 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
 def main(cfg: GenerateConfig) -> dict[str, Any]:
     """Run the job; Ray starts only once the inputs are checked (joins the cluster under
     `ray job submit` through RAY_ADDRESS, else starts a local one) and is shut down if we started it."""
-    started_here = not ray.is_initialized()
-    try:
-        return run_generation(cfg)
-    finally:
-        if started_here and ray.is_initialized():
-            ray.shutdown()
+    return run_owning_ray(run_generation, cfg)
 
 
 if __name__ == "__main__":

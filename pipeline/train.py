@@ -307,12 +307,14 @@ def run_training(cfg: TrainConfig) -> str:
         cfg = dataclasses.replace(cfg, storage_path=os.path.abspath(cfg.storage_path))
     check_inputs(cfg)
     export = storage.join(run_dir(cfg), "export")
-    finished = finished_checkpoint(cfg)
-    if finished is not None:  # the same command again after the run ended: nothing to train
-        return export_checkpoint(finished, export)
+    latest = latest_checkpoint(cfg)
+    if latest is not None and _phase(latest) == "done":  # the run ended: nothing to train
+        return export_checkpoint(latest, export)
     if cfg.check_resources:
         check_resources(cfg)
     mc = model_config(cfg)
+    if latest is not None:
+        check_resumable(latest, mc, run_dir(cfg))
     tokenizer = run_tokenizer(cfg)
     datasets, counts, preview = build_datasets(cfg, tokenizer, mc)
     steps_per_epoch = counts["train"] // cfg.num_workers // cfg.batch_size
@@ -359,16 +361,29 @@ def _phase(checkpoint: ray.train.Checkpoint) -> str:
         return json.loads(f.read())["state"]["phase"]
 
 
-def finished_checkpoint(cfg: TrainConfig) -> ray.train.Checkpoint | None:
-    """The final checkpoint of this run when a previous attempt finished it, else None."""
+def latest_checkpoint(cfg: TrainConfig) -> ray.train.Checkpoint | None:
+    """The latest checkpoint this run reported (None for a new run)."""
     if not storage.exists(run_dir(cfg)):
         return None
     fs, path = storage.filesystem(run_dir(cfg))
     try:
-        latest = ray.train.Result.from_path(path, storage_filesystem=fs).checkpoint
+        return ray.train.Result.from_path(path, storage_filesystem=fs).checkpoint
     except RuntimeError:  # Ray Train's "no run snapshot here": the run never reported
         return None
-    return latest if latest is not None and _phase(latest) == "done" else None
+
+
+def check_resumable(checkpoint: ray.train.Checkpoint, mc: ModelConfig, run: str) -> None:
+    """Resuming continues the same model: refuse (before any work) a run whose checkpoint was
+    made with another model config (another preset, image size, loss weights, or code defaults)."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/model/config.json") as f:
+        saved = json.loads(f.read())["model_config"]
+    now = json.loads(json.dumps(mc.to_dict()))
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+    if changed:
+        raise TrainError(
+            f"run {run} was started with another model config ({'; '.join(changed)}): resume it with "
+            "the settings and code it started with, or start a new run with another --name"
+        )
 
 
 def export_checkpoint(checkpoint: ray.train.Checkpoint | None, dest: str) -> str:
@@ -527,7 +542,7 @@ def train_epoch(
         for k, v in out.items():
             sums[k] += v.detach().float() * b
         if log and state.global_step % cfg.log_every == 0:
-            step_m = {f"train/{k}": float(v) for k, v in out.items()}
+            step_m = {f"train/{k}": float(v.detach()) for k, v in out.items()}
             step_m["train/caption_perplexity"] = math.exp(min(20.0, step_m["train/caption_ce"]))
             log.log({**step_m, "train/lr": scheduler.get_last_lr()[0], "global_step": state.global_step}, kind="step")
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real local S3 server (moto) and a real local Ray cluster."""
+"""Shared fixtures: a real local S3 server (moto), a real local Ray cluster, and one torch thread
+per module. Shared data builders (plain functions) are in builders.py."""
 
 from __future__ import annotations
 
@@ -63,3 +64,15 @@ def ray_local(s3_server):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: on a shared 2-core machine, two spin-waiting threads
+    run ~4x slower. Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

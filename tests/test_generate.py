@@ -20,13 +20,9 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from model.checkpoint import save_checkpoint
-from model.config import get_preset
-from model.networks import JointModel
-from model.tokenizer import CaptionTokenizer
 from pipeline import manifest, storage
 from pipeline.generate import (
     GenerateConfig,
@@ -35,6 +31,8 @@ from pipeline.generate import (
     resolve_resources,
     run_generation,
 )
+
+from builders import scrambled_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = [
@@ -65,15 +63,7 @@ ANALYST_QUERIES = {
 
 def make_checkpoint(path: Path, seed: int) -> str:
     """An untrained tiny checkpoint, scrambled so captions and images vary with the seed."""
-    torch.manual_seed(seed)
-    tok = CaptionTokenizer.train(CAPTIONS)
-    model = JointModel(get_preset("tiny"), tok.vocab_size)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith(("caption_decoder", "prior.out")):
-                p.add_(torch.randn_like(p) * 0.3)
-        model.fit_latent_stats(torch.randn(256, model.config.z_dim) * 2 + 0.5)
-    return save_checkpoint(path, model, tok)
+    return save_checkpoint(path, *scrambled_tiny(CAPTIONS, seed))
 
 
 @pytest.fixture(scope="module")

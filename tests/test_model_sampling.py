@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from model import sampling
-from model.config import get_preset
-from model.networks import JointModel
-from model.tokenizer import CaptionTokenizer
+
+from builders import scrambled_tiny
 
 torch.set_num_threads(2)
 CAPTIONS = [
@@ -23,16 +22,7 @@ CAPTIONS = [
 
 @pytest.fixture(scope="module")
 def tiny():
-    """An untrained tiny model whose weights are scrambled so that outputs vary with the seed."""
-    torch.manual_seed(0)
-    tok = CaptionTokenizer.train(CAPTIONS)
-    model = JointModel(get_preset("tiny"), tok.vocab_size)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith(("caption_decoder", "prior.out")):
-                p.add_(torch.randn_like(p) * 0.3)
-        model.fit_latent_stats(torch.randn(256, model.config.z_dim) * 2 + 0.5)
-    return model.eval(), tok
+    return scrambled_tiny(CAPTIONS)
 
 
 def test_generate_types(tiny):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from pipeline.engrave import make_sample, render_dataset
+from pipeline.engrave import render_dataset
 from pipeline.grammar import ATTRIBUTES
 from pipeline.probe import (
     Probe,
@@ -33,28 +33,16 @@ from pipeline.probe import (
     train_probe,
 )
 
+from builders import rendered_set
+
 SIZE = 64
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # Small and quick: ~2,600 image-steps at 64 px; enough for >= 90% per attribute on held-out plates.
 FAST = ProbeConfig(image_size=SIZE, epochs=3, batch_size=32, min_steps=80, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, two spin-waiting threads run ~4x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def rendered(start: int, count: int) -> RealSet:
-    samples = [make_sample(7, i, SIZE) for i in range(start, start + count)]
-    return RealSet(
-        np.stack([img for _, _, img in samples]),
-        [cap for _, cap, _ in samples],
-        [f"images/{i:06d}.png" for i in range(start, start + count)],
-        [attrs for attrs, _, _ in samples],
-    )
+    return rendered_set(7, start, count, SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -118,13 +118,16 @@ def test_wandb_offline_files_hold_the_metrics(ddp_run):
 
 
 def test_stopped_run_resumes_when_run_again_on_s3(ray_local, data):
-    """max_failures=0: the injected failure ends the job; the same command again continues
-    from epoch 1's checkpoint on S3, and a third run of the finished job only re-exports."""
+    """max_failures=0: the injected failure ends the job; the same command with another model is
+    refused, the same command again continues from epoch 1's checkpoint on S3, and a third run of
+    the finished job only re-exports."""
     cfg = tiny(data, "s3://inkseed-test/runs", "resume", epochs=2, max_failures=0, log_samples=0,
                wandb_mode="disabled")
     with pytest.raises(Exception, match="injected failure after epoch 1"):
         run_training(cfg.replace(fail_after_epoch=1))
     assert [r["epoch"] for r in metrics_rows(cfg, "epoch")] == [1]
+    with pytest.raises(TrainError, match=r"another model config \(image_size 32 -> 16; channels "):
+        run_training(cfg.replace(image_size=16))  # a different model cannot continue this run
     export = run_training(cfg)
     assert [r["epoch"] for r in metrics_rows(cfg, "epoch")] == [1, 2]
     assert export == "s3://inkseed-test/runs/resume/export"
