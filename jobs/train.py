@@ -36,6 +36,7 @@ _OVERRIDES: dict[str, type] = {
     "data": str,
     "preset": str,
     "image_size": int,
+    "init_from": str,
     "epochs": int,
     "batch_size": int,
     "lr": float,

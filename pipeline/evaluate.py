@@ -32,19 +32,17 @@ import io
 import json
 import math
 import random
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from itertools import combinations
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from model.checkpoint import FILES, Inkseed, load_checkpoint
+from model.checkpoint import Inkseed
 from pipeline import storage
 from pipeline.contact_sheet import render_sheet
 from pipeline.grammar import ATTRIBUTES, parse_caption
@@ -518,18 +516,6 @@ def _device(choice: str) -> str:
     return choice
 
 
-def open_checkpoint(uri: str, device: str) -> Inkseed:
-    """load_checkpoint for a local folder or an s3:// prefix (copied to a temp folder first)."""
-    if not storage.is_s3(uri):
-        return load_checkpoint(uri, device=device)
-    with tempfile.TemporaryDirectory(prefix="inkseed-eval-ckpt-") as tmp:
-        for name in FILES:
-            (Path(tmp) / name).write_bytes(storage.read_bytes(storage.join(uri, name)))
-        ink = load_checkpoint(tmp, device=device)
-    ink.path = uri
-    return ink
-
-
 def _read_train_captions(uri: str) -> list[str]:
     from pipeline.data import read_captions
 
@@ -586,7 +572,7 @@ def run_evaluation(cfg: EvaluateConfig, log: Log = print) -> dict[str, Any]:
         timings[name] = round(now - since, 1)
         return now
 
-    ink = open_checkpoint(cfg.checkpoint, _device(cfg.device))
+    ink = storage.open_checkpoint(cfg.checkpoint, _device(cfg.device))
     size = ink.config.image_size
     cfg = replace(cfg, probe=replace(cfg.probe, image_size=size))  # the probe reads what the model makes
     log(f"evaluate: checkpoint {cfg.checkpoint} ({size}px, digest {ink.digest[:12]}), data {cfg.data}")

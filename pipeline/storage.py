@@ -102,3 +102,21 @@ def check_writable(uri: str) -> None:
         fs.delete_file(path)
     except Exception as e:  # any backend error means the same thing to the user
         raise StorageError(f"output {uri!r} is not writable: {type(e).__name__}: {e}") from e
+
+
+def open_checkpoint(uri: str, device: str = "cpu"):
+    """model.checkpoint.load_checkpoint for a local folder or an s3:// prefix (copied to a temp
+    folder first; the hashes are verified on load). Returns an Inkseed."""
+    import tempfile
+    from pathlib import Path
+
+    from model.checkpoint import FILES, load_checkpoint
+
+    if not is_s3(uri):
+        return load_checkpoint(uri, device=device)
+    with tempfile.TemporaryDirectory(prefix="inkseed-ckpt-") as tmp:
+        for name in FILES:
+            (Path(tmp) / name).write_bytes(read_bytes(join(uri, name)))
+        ink = load_checkpoint(tmp, device=device)
+    ink.path = uri
+    return ink

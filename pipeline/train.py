@@ -91,6 +91,10 @@ class TrainConfig:
     image_size: int | None = None
     # Overrides of ModelConfig.loss_weights, e.g. {"kl": 0.002}; unknown names are an error.
     loss_weights: dict[str, float] = field(default_factory=dict)
+    # An exported checkpoint (local or s3://) whose weights and tokenizer start a *new* run:
+    # fine-tuning or training on. Its model config must equal this run's (same preset, image
+    # size, loss weights); the latent prior is refitted in phase 2.
+    init_from: str | None = None
 
     # -- optimization (phase 1: autoencoder) --------------------------------------------------
     # Passes over the training set; early stopping may end sooner.
@@ -264,6 +268,10 @@ def run_tokenizer(cfg: TrainConfig) -> CaptionTokenizer:
     uri = storage.join(run_dir(cfg), "tokenizer.json")
     if storage.exists(uri):
         return CaptionTokenizer.from_json(storage.read_bytes(uri).decode())
+    if cfg.init_from:  # the weights' token ids
+        tokenizer = CaptionTokenizer.from_json(storage.read_bytes(storage.join(cfg.init_from, "tokenizer.json")).decode())
+        storage.write_bytes(uri, tokenizer.to_json().encode())
+        return tokenizer
     captions = read_captions(cfg.data, split="train")
     if not captions:
         raise TrainError(f"data URI {cfg.data!r} has no training captions")
@@ -305,6 +313,8 @@ def run_training(cfg: TrainConfig) -> str:
         # Workers run in Ray's own working directory: a relative path would put the metrics
         # and W&B files there instead of beside the checkpoints.
         cfg = dataclasses.replace(cfg, storage_path=os.path.abspath(cfg.storage_path))
+    if cfg.init_from and not storage.is_s3(cfg.init_from):
+        cfg = dataclasses.replace(cfg, init_from=os.path.abspath(cfg.init_from))
     check_inputs(cfg)
     export = storage.join(run_dir(cfg), "export")
     latest = latest_checkpoint(cfg)
@@ -315,6 +325,8 @@ def run_training(cfg: TrainConfig) -> str:
     mc = model_config(cfg)
     if latest is not None:
         check_resumable(latest, mc, run_dir(cfg))
+    elif cfg.init_from:
+        check_init_from(cfg.init_from, mc)
     tokenizer = run_tokenizer(cfg)
     datasets, counts, preview = build_datasets(cfg, tokenizer, mc)
     steps_per_epoch = counts["train"] // cfg.num_workers // cfg.batch_size
@@ -372,17 +384,33 @@ def latest_checkpoint(cfg: TrainConfig) -> ray.train.Checkpoint | None:
         return None
 
 
+def _config_changes(saved: dict[str, Any], mc: ModelConfig) -> list[str]:
+    now = json.loads(json.dumps(mc.to_dict()))
+    return [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+
+
 def check_resumable(checkpoint: ray.train.Checkpoint, mc: ModelConfig, run: str) -> None:
     """Resuming continues the same model: refuse (before any work) a run whose checkpoint was
     made with another model config (another preset, image size, loss weights, or code defaults)."""
     with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/model/config.json") as f:
-        saved = json.loads(f.read())["model_config"]
-    now = json.loads(json.dumps(mc.to_dict()))
-    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+        changed = _config_changes(json.loads(f.read())["model_config"], mc)
     if changed:
         raise TrainError(
             f"run {run} was started with another model config ({'; '.join(changed)}): resume it with "
             "the settings and code it started with, or start a new run with another --name"
+        )
+
+
+def check_init_from(uri: str, mc: ModelConfig) -> None:
+    """init_from must be a checkpoint of the same model config (checked before any work)."""
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not storage.exists(storage.join(uri, name)):
+            raise TrainError(f"init_from {uri!r} is not an exported checkpoint: {name} is missing")
+    changed = _config_changes(json.loads(storage.read_bytes(storage.join(uri, "config.json")))["model_config"], mc)
+    if changed:
+        raise TrainError(
+            f"init_from {uri!r} has another model config ({'; '.join(changed)}): train with its "
+            "preset, image size and loss weights"
         )
 
 
@@ -446,6 +474,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # 2. Resume from the latest checkpoint (failure retry or the same run started again).
     resumed = ray.train.get_checkpoint()
     state, opt_state = restore_checkpoint(resumed, model) if resumed else (TrainState(), None)
+    if resumed is None and cfg.init_from:  # a new run that starts from an exported checkpoint
+        model.load_state_dict(storage.open_checkpoint(cfg.init_from).model.state_dict())
     if state.phase == "done":
         return
     model.prior.requires_grad_(False)  # trained in phase 2; DDP must not wait for its grads

@@ -99,6 +99,24 @@ def test_exported_checkpoint_loads_and_generates(ddp_run):
     assert again.captions[0] == samples.captions[1]
 
 
+def test_a_new_run_starts_from_an_exported_checkpoint(ddp_run, ray_local, data, tmp_path):
+    """init_from: the new run starts from the export's weights and tokenizer (its first epoch
+    begins where the old run ended, far below a fresh start); another model config is refused."""
+    cfg, export, epochs = ddp_run
+    with pytest.raises(TrainError, match=r"another model config \(image_size 32 -> 16; "):
+        run_training(tiny(data, str(tmp_path), "bad", init_from=export, image_size=16))
+    with pytest.raises(TrainError, match="config.json is missing"):
+        run_training(tiny(data, str(tmp_path), "bad", init_from=str(tmp_path / "nowhere")))
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+    more = tiny(data, str(tmp_path), "more", init_from=export, epochs=1, lr=1e-4, log_samples=0,
+                wandb_mode="disabled")
+    run_training(more)
+    assert (tmp_path / "more" / "tokenizer.json").read_text() == (Path(export) / "tokenizer.json").read_text()
+    first = metrics_rows(more, "epoch")[0]
+    assert first["train_epoch/loss_total"] < 0.8 * epochs[0]["train_epoch/loss_total"]
+    assert first["val/loss_total"] < 1.1 * epochs[-1]["val/loss_total"]
+
+
 def test_wandb_offline_files_hold_the_metrics(ddp_run):
     cfg, _, _ = ddp_run
     run_id = wandb_run_id(cfg.storage_path, cfg.name)
