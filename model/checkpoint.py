@@ -262,6 +262,15 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
 
 
 # -- generic tensor state (optimizer, scheduler, RNG) without pickle ------------------------------
+def load_checkpoint_files(files: dict[str, bytes], device: torch.device | str = "cpu") -> Inkseed:
+    """load_checkpoint from the files' bytes (read from S3, or shipped to a Ray actor): they are
+    written to a temporary folder and loaded (and verified) from there."""
+    with tempfile.TemporaryDirectory(prefix="inkseed-ckpt-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        return load_checkpoint(tmp, device=device)
+
+
 def save_state(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
 ) -> None:

@@ -1,7 +1,8 @@
 """Model configuration: one typed dataclass and the named size presets.
 
 `PRESETS["tiny"]` is for tests (trains in seconds on CPU), `PRESETS["base"]` is the embedded
-default (128 px, 15 epochs train on a 2-core CPU in about 70 minutes), `PRESETS["large"]` is for H100 clusters.
+default (128 px; the committed checkpoint trained on a 2-core CPU in under two hours),
+`PRESETS["large"]` is for H100 clusters.
 The preset name is the command-line key (`--model-preset base`).
 """
 
@@ -42,8 +43,8 @@ class ModelConfig:
     # Conv channels from the 4x4 base up to full resolution: len == log2(image_size / 4) + 1.
     # A 3x3 conv costs 9 C_in C_out S^2, so the high-resolution stages are kept narrow:
     # ~0.69 GMAC (1.4 GFLOP) per training sample at 128 px: ~75 samples/s (bf16) on 2 idle
-    # CPU cores, ~4 min per epoch of 18K images; the texture bank carries the full-resolution hatching that
-    # 8 channels alone could not paint. (256, 160, 96, 48, 24, 12) costs 2x for more capacity.
+    # CPU cores, ~4 min per epoch of 18K images; the texture bank carries the full-resolution
+    # hatching that 8 channels alone could not paint. (256, 160, 96, 48, 24, 12) costs 2x for more capacity.
     channels: tuple[int, ...] = (128, 128, 64, 32, 16, 8)
     # Learned full-resolution "plate texture" maps the decoder gates into its last stage:
     # hatching sits at fixed plate coordinates, which translation-equivariant convs cannot
@@ -151,8 +152,8 @@ PRESETS: dict[str, ModelConfig] = {
         prior_depth=2,
         ddim_steps=20,
     ),
-    # The embedded default (== the dataclass defaults): 128 px, sized for ~70 minutes of
-    # training on 2 CPU cores (see the `channels` comment).
+    # The embedded default (== the dataclass defaults): 128 px, ~4 min per epoch on 2 CPU
+    # cores (see the `channels` comment).
     "base": ModelConfig(),
     # H100 clusters: 512 px, z 256, wide channels and a deeper text stack.
     "large": ModelConfig(

@@ -25,7 +25,6 @@ import importlib.metadata
 import io
 import math
 import platform
-import tempfile
 import threading
 import time
 import uuid
@@ -40,7 +39,7 @@ import ray
 import torch
 from PIL import Image
 
-from model.checkpoint import FILES, CheckpointError, Inkseed, load_checkpoint
+from model.checkpoint import FILES, CheckpointError, load_checkpoint_files
 from pipeline import manifest, storage
 from pipeline.manifest import SeedPlan
 
@@ -145,7 +144,7 @@ class SampleBatch:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
             raise GenerateError("device 'cuda' requested but this actor has no GPU (give num_gpus >= 1)")
-        self.ink = _load_shipped(checkpoint_files, device)
+        self.ink = load_checkpoint_files(checkpoint_files, device)
         if self.ink.digest != digest:
             raise GenerateError(f"checkpoint digest changed in transit: {self.ink.digest} != {digest}")
         self.bf16, self.steps = bf16, steps
@@ -196,14 +195,6 @@ class SampleBatch:
         if tmp != path:
             self.fs.move(tmp, path)
         return hashlib.sha256(data).hexdigest()
-
-
-def _load_shipped(files: dict[str, bytes], device: str) -> Inkseed:
-    """Materialize checkpoint files in a temp dir and load them (load_checkpoint verifies hashes)."""
-    with tempfile.TemporaryDirectory(prefix="inkseed-ckpt-") as tmp:
-        for name, data in files.items():
-            (Path(tmp) / name).write_bytes(data)
-        return load_checkpoint(tmp, device=device)
 
 
 def build_dataset(
@@ -323,7 +314,7 @@ def read_checkpoint(uri: str) -> tuple[str, dict[str, bytes]]:
             f"checkpoint {uri!r} not found or incomplete (needs {', '.join(FILES)}): {e}"
         ) from e
     try:
-        return _load_shipped(files, "cpu").digest, files
+        return load_checkpoint_files(files, "cpu").digest, files
     except CheckpointError as e:
         raise GenerateError(f"checkpoint {uri!r}: {Path(e.file).name}: {e.problem}") from e
 

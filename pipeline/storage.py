@@ -107,16 +107,10 @@ def check_writable(uri: str) -> None:
 def open_checkpoint(uri: str, device: str = "cpu"):
     """model.checkpoint.load_checkpoint for a local folder or an s3:// prefix (copied to a temp
     folder first; the hashes are verified on load). Returns an Inkseed."""
-    import tempfile
-    from pathlib import Path
-
-    from model.checkpoint import FILES, load_checkpoint
+    from model.checkpoint import FILES, load_checkpoint, load_checkpoint_files
 
     if not is_s3(uri):
         return load_checkpoint(uri, device=device)
-    with tempfile.TemporaryDirectory(prefix="inkseed-ckpt-") as tmp:
-        for name in FILES:
-            (Path(tmp) / name).write_bytes(read_bytes(join(uri, name)))
-        ink = load_checkpoint(tmp, device=device)
+    ink = load_checkpoint_files({name: read_bytes(join(uri, name)) for name in FILES}, device)
     ink.path = uri
     return ink
