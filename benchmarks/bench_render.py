@@ -14,7 +14,7 @@ import argparse
 import tempfile
 import time
 
-from pipeline import engrave
+from pipeline.data import engrave
 
 
 def bench_render(size: int, count: int) -> None:
@@ -37,7 +37,7 @@ def bench_render(size: int, count: int) -> None:
 def bench_ingest(count: int, size: int) -> None:
     import ray
 
-    from pipeline.data import load_dataset
+    from pipeline.data.ingest import load_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         engrave.render_dataset(tmp, count, size, seed=0, workers=engrave.default_workers())

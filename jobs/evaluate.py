@@ -21,8 +21,8 @@ from typing import Any
 
 from jobs.ray_owner import run_owning_ray
 from model.checkpoint import CheckpointError
-from pipeline.evaluate import EvaluateConfig, run_evaluation
-from pipeline.probe import ProbeConfig
+from pipeline.evaluation.probe import ProbeConfig
+from pipeline.evaluation.report import EvaluateConfig, run_evaluation
 from pipeline.storage import StorageError
 
 

@@ -14,7 +14,8 @@ import argparse
 import time
 from dataclasses import dataclass, field
 
-from pipeline import engrave, storage
+from pipeline import storage
+from pipeline.data import engrave
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Any
 
 from model.config import PRESETS
 from pipeline import storage
-from pipeline.train import TrainConfig, load_train_config, run_training
+from pipeline.training.train import TrainConfig, load_train_config, run_training
 
 # Where --smoke-test renders a small dataset when --data does not exist.
 SMOKE_DATA = os.path.join(tempfile.gettempdir(), "inkseed-smoke-data")
@@ -109,7 +109,7 @@ def main(cfg: TrainConfig) -> str:
     import ray
 
     if cfg.data == SMOKE_DATA and not storage.exists(os.path.join(SMOKE_DATA, "metadata.jsonl")):
-        from pipeline.engrave import render_dataset
+        from pipeline.data.engrave import render_dataset
 
         render_dataset(SMOKE_DATA, count=200, size=64, seed=0)  # read at 32 px
     # Inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local Ray starts.

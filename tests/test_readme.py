@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from model.config import PRESETS
-from pipeline.manifest import SCHEMA
+from pipeline.generation.manifest import SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -71,7 +71,7 @@ def test_the_two_commands_exist():
 
 
 def test_the_cluster_run_config_is_a_valid_train_config():
-    from pipeline.train import TrainConfig
+    from pipeline.training.train import TrainConfig
 
     block = re.search(r"cat > h100\.yaml <<'YAML'\n(.*?)\nYAML\n", README, flags=re.S)
     assert block, "README.md lost its cluster run config"

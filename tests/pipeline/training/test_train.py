@@ -19,11 +19,11 @@ import torch
 from jobs.train import parse_args, smoke_test_config
 from model.checkpoint import load_checkpoint
 from pipeline import storage
-from pipeline.engrave import render_dataset
-from pipeline.metrics_log import wandb_run_id
-from pipeline.train import TrainConfig, TrainError, load_train_config, run_training
+from pipeline.data.engrave import render_dataset
+from pipeline.training.metrics_log import wandb_run_id
+from pipeline.training.train import TrainConfig, TrainError, load_train_config, run_training
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 TINY = str(REPO / "configs" / "tiny.yaml")
 
 torch.set_num_threads(1)
@@ -181,6 +181,6 @@ def test_config_file_and_cli_overrides(tmp_path):
     with pytest.raises(ValueError, match="batchsize"):
         load_train_config(str(bad))
     with pytest.raises(ValueError, match="unknown loss weight"):
-        from pipeline.train import model_config
+        from pipeline.training.train import model_config
 
         model_config(cfg.replace(loss_weights={"klx": 1.0}))

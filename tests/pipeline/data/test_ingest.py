@@ -17,9 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import data, engrave, storage
-from pipeline.data import DatasetError, load_dataset, read_captions, read_dataset, split_of, to_model_gray
-from pipeline.grammar import ATTRIBUTES, parse_caption
+from pipeline import storage
+from pipeline.data import engrave
+from pipeline.data import ingest as data
+from pipeline.data.ingest import DatasetError, load_dataset, read_captions, read_dataset, split_of, to_model_gray
+from pipeline.data.grammar import ATTRIBUTES, parse_caption
 
 SIZE = 32
 

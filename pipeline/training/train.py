@@ -59,8 +59,8 @@ from model.sampling import caption as caption_images
 from model.sampling import generate, illustrate
 from model.tokenizer import CaptionTokenizer
 from pipeline import storage
-from pipeline.data import read_captions, read_dataset
-from pipeline.metrics_log import RunLogger, WandbMode, wandb_dir, wandb_run_id
+from pipeline.data.ingest import read_captions, read_dataset
+from pipeline.training.metrics_log import RunLogger, WandbMode, wandb_dir, wandb_run_id
 
 Precision = Literal["auto", "bf16", "fp32"]
 

@@ -33,7 +33,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from pipeline import storage
-from pipeline.grammar import ATTRIBUTES
+from pipeline.data.grammar import ATTRIBUTES
 
 FORMAT_VERSION = 1
 Log = Callable[[str], None]
@@ -110,7 +110,7 @@ def grammar_attributes(raw: dict, spec: dict[str, tuple[str, ...]] = ATTRIBUTES)
 def load_real(uri: str, image_size: int, split: Literal["train", "val"]) -> RealSet:
     """Every row of one split of a dataset (any format `pipeline.data` reads), sorted by file name
     so the same dataset always gives the same order."""
-    from pipeline.data import read_dataset  # Ray Data; imported here so the probe itself needs no Ray
+    from pipeline.data.ingest import read_dataset  # Ray Data; imported here so the probe itself needs no Ray
 
     # No caption truncation: a cut caption would no longer parse in the grammar.
     ds = read_dataset(uri, image_size=image_size, split=split, max_caption_tokens=1024)

@@ -23,8 +23,9 @@ import pytest
 from PIL import Image
 
 from model.checkpoint import save_checkpoint
-from pipeline import manifest, storage
-from pipeline.generate import (
+from pipeline import storage
+from pipeline.generation import manifest
+from pipeline.generation.run import (
     GenerateConfig,
     GenerateError,
     _assign_seeds,
@@ -34,7 +35,7 @@ from pipeline.generate import (
 
 from builders import scrambled_tiny
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 CAPTIONS = [
     "an engraving of a windmill on the hills, on the left, under a crescent moon at night, with three birds",
     "at dusk, a print of a sailing ship at sea, in the middle",

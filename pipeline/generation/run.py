@@ -40,8 +40,9 @@ import torch
 from PIL import Image
 
 from model.checkpoint import FILES, CheckpointError, load_checkpoint_files
-from pipeline import manifest, storage
-from pipeline.manifest import SeedPlan
+from pipeline import storage
+from pipeline.generation import manifest
+from pipeline.generation.manifest import SeedPlan
 
 # Ray Data blocks of this many model batches: big enough that per-task overhead is small next to
 # sampling, small enough that several actors share a few-hundred-seed run.

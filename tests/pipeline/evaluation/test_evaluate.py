@@ -19,8 +19,10 @@ from PIL import Image
 from jobs.evaluate import main, parse_args
 from model.checkpoint import save_checkpoint
 from pipeline import storage
-from pipeline.engrave import render_dataset
-from pipeline.evaluate import (
+from pipeline.data.engrave import render_dataset
+from pipeline.data.grammar import ATTRIBUTES, make_caption, parse_caption, sample_attributes
+from pipeline.evaluation.probe import Probe, ProbeConfig, RealSet, accuracy, train_probe
+from pipeline.evaluation.report import (
     EvaluateConfig,
     EvaluateError,
     auc,
@@ -35,8 +37,6 @@ from pipeline.evaluate import (
     frechet_distance,
     validity,
 )
-from pipeline.grammar import ATTRIBUTES, make_caption, parse_caption, sample_attributes
-from pipeline.probe import Probe, ProbeConfig, RealSet, accuracy, train_probe
 
 from builders import rendered_set, scrambled_tiny
 

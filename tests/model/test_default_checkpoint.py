@@ -12,9 +12,9 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.config import get_preset
-from pipeline.grammar import parse_caption
+from pipeline.data.grammar import parse_caption
 
-DEFAULT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
+DEFAULT = Path(__file__).resolve().parents[2] / "checkpoints" / "default"
 SEEDS = list(range(12))
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -18,8 +18,8 @@ from model import sampling
 from model.config import get_preset
 from model.networks import JointModel
 from model.tokenizer import CaptionTokenizer
-from pipeline.engrave import render
-from pipeline.grammar import make_caption, sample_attributes
+from pipeline.data.engrave import render
+from pipeline.data.grammar import make_caption, sample_attributes
 
 N, SIZE = 64, 32
 # Minibatches of 16 learn more per CPU-second than full batches of 64 (4 updates per epoch).

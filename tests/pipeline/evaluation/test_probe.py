@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from pipeline.engrave import render_dataset
-from pipeline.grammar import ATTRIBUTES
-from pipeline.probe import (
+from pipeline.data.engrave import render_dataset
+from pipeline.data.grammar import ATTRIBUTES
+from pipeline.evaluation.probe import (
     Probe,
     ProbeConfig,
     RealSet,

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import manifest, storage
+from pipeline import storage
 from pipeline.contact_sheet import ContactSheetError, render_sheet, write_contact_sheet
+from pipeline.generation import manifest
 
 
 def fake_output(out: str, seeds: list[int], shard_size: int = 4) -> None:

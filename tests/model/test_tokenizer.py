@@ -17,7 +17,7 @@ CAPTIONS = [
 
 def _grammar_captions(n=200):
     try:
-        from pipeline.grammar import make_caption, sample_attributes
+        from pipeline.data.grammar import make_caption, sample_attributes
     except ImportError:
         return CAPTIONS
     rng = random.Random(0)

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from jobs import prepare_data
-from pipeline import engrave, storage
-from pipeline.grammar import ATTRIBUTES, all_scenes, is_valid_scene, parse_caption
+from pipeline import storage
+from pipeline.data import engrave
+from pipeline.data.grammar import ATTRIBUTES, all_scenes, is_valid_scene, parse_caption
 
 BASE = {
     "subject": "house",

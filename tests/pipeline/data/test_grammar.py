@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.grammar import (
+from pipeline.data.grammar import (
     ATTRIBUTES,
     PHRASES,
     all_scenes,

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 
 from pipeline import storage
-from pipeline.grammar import ATTRIBUTES, is_valid_scene, make_caption, sample_attributes
+from pipeline.data.grammar import ATTRIBUTES, is_valid_scene, make_caption, sample_attributes
 
 MIN_SIZE, MAX_SIZE = 64, 512
 PAPER = 240  # paper tone (uint8); a fixed grain of a few levels is added on top

@@ -45,8 +45,8 @@ from PIL import Image
 from model.checkpoint import Inkseed
 from pipeline import storage
 from pipeline.contact_sheet import render_sheet
-from pipeline.grammar import ATTRIBUTES, parse_caption
-from pipeline.probe import Probe, ProbeConfig, RealSet, accuracy, get_probe, load_real
+from pipeline.data.grammar import ATTRIBUTES, parse_caption
+from pipeline.evaluation.probe import Probe, ProbeConfig, RealSet, accuracy, get_probe, load_real
 
 Log = Callable[[str], None]
 # Below this share of held-out rows with grammar captions / attributes, the grammar metrics are
@@ -517,7 +517,7 @@ def _device(choice: str) -> str:
 
 
 def _read_train_captions(uri: str) -> list[str]:
-    from pipeline.data import read_captions
+    from pipeline.data.ingest import read_captions
 
     return read_captions(uri, split="train")
 
