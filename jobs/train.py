@@ -26,7 +26,8 @@ from typing import Any
 
 from model.config import PRESETS
 from pipeline import storage
-from pipeline.training.train import TrainConfig, load_train_config, run_training
+from pipeline.training.config import TrainConfig, load_train_config
+from pipeline.training.driver import run_training
 
 # Where --smoke-test renders a small dataset when --data does not exist.
 SMOKE_DATA = os.path.join(tempfile.gettempdir(), "inkseed-smoke-data")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 def _default_loss_weights() -> dict[str, float]:
@@ -30,6 +30,13 @@ def _default_loss_weights() -> dict[str, float]:
         # posteriors together and gives the alignment score; kept below reconstruction.
         "contrastive": 0.1,
     }
+
+
+def stages_for(image_size: int) -> int:
+    """x2 upsampling stages from the decoder's 4x4 start to image_size (a power of two >= 8)."""
+    if image_size < 8 or image_size & (image_size - 1):
+        raise ValueError(f"image_size must be a power of two >= 8, got {image_size}")
+    return int(round(math.log2(image_size / 4)))
 
 
 @dataclass
@@ -95,13 +102,21 @@ class ModelConfig:
     @property
     def num_stages(self) -> int:
         """Number of x2 resolution stages between 4x4 and image_size."""
-        return int(round(math.log2(self.image_size / 4)))
+        return stages_for(self.image_size)
+
+    def with_image_size(self, size: int) -> ModelConfig:
+        """This config at another image size: stages are dropped from the small end's list,
+        or added at half the last stage's channels (at least 8) for a larger image."""
+        if size == self.image_size:
+            return self
+        ch = list(self.channels[: stages_for(size) + 1])
+        while len(ch) < stages_for(size) + 1:
+            ch.append(max(8, ch[-1] // 2))
+        return self.replace(image_size=size, channels=tuple(ch))
 
     def validate(self) -> None:
         s = self.image_size
-        if s < 8 or s & (s - 1):
-            raise ValueError(f"image_size must be a power of two >= 8, got {s}")
-        if len(self.channels) != self.num_stages + 1:
+        if len(self.channels) != stages_for(s) + 1:
             raise ValueError(
                 f"channels needs log2({s}/4)+1 = {self.num_stages + 1} entries, got {len(self.channels)}"
             )
@@ -134,6 +149,8 @@ class ModelConfig:
         return ModelConfig.from_dict({**self.to_dict(), **changes})
 
 
+# The preset names, for command lines and type checks; PRESETS holds one config per name.
+PresetName = Literal["tiny", "base", "large"]
 PRESETS: dict[str, ModelConfig] = {
     # Tests: 64 px, narrow; a few seconds of CPU training overfits 64 samples.
     "tiny": ModelConfig(

@@ -21,8 +21,8 @@ from torch import nn
 from model.config import ModelConfig
 from model.losses import caption_cross_entropy, gradient_l1, info_nce, kl_to_standard_normal
 from model.prior import LatentPrior
+from model.tokenizer import BOS_ID, PAD_ID
 
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 LOGVAR_MIN, LOGVAR_MAX = -12.0, 6.0
 Posterior = Literal["mix", "joint", "image", "caption"]
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.networks import BOS_ID, EOS_ID, PAD_ID, UNK_ID, JointModel, product_of_experts
-from model.tokenizer import CaptionTokenizer
+from model.images import to_float, to_uint8
+from model.networks import JointModel, product_of_experts
+from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, CaptionTokenizer
 
 
 @dataclass
@@ -36,6 +38,20 @@ class Samples:
 
 
 # -- helpers --------------------------------------------------------------------------------------
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def resolve_device(device: Device | str | torch.device) -> torch.device:
+    """The one "auto" rule: CUDA when this process sees a GPU, else the CPU. An explicit "cuda"
+    without a GPU is an error naming the fix, not a crash deep inside the first kernel."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but this process sees no GPU (give the actor num_gpus >= 1)")
+    return resolved
+
+
 def autocast_context(device: torch.device | str, enabled: bool | None = None):
     """bf16 autocast: on by default on CUDA, off on CPU unless enabled=True."""
     device = torch.device(device)
@@ -69,11 +85,6 @@ def _randn(generators: list[torch.Generator], dim: int, device: torch.device) ->
     return torch.stack([torch.randn(dim, generator=g) for g in generators]).to(device)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, S, S) float in [-1, 1] -> uint8 (ink dark, paper light)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-
-
 def from_uint8(images: np.ndarray | torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W) (or float in [-1, 1]) -> float (B, size, size) in [-1, 1] on device."""
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
@@ -82,7 +93,7 @@ def from_uint8(images: np.ndarray | torch.Tensor, size: int, device: torch.devic
     if x.dim() == 4:  # (B, H, W, C) or (B, C, H, W): average the color channels
         x = x.float().mean(-1) if x.shape[-1] in (1, 3, 4) else x.float().mean(1)
     x = x.to(device)
-    x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 or x.max() > 1.5 else x.float()
+    x = to_float(x) if x.dtype == torch.uint8 or x.max() > 1.5 else x.float()
     if x.shape[-1] != size or x.shape[-2] != size:
         mode = "area" if x.shape[-1] > size else "bilinear"
         kw = {} if mode == "area" else {"align_corners": False}

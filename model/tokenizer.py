@@ -15,6 +15,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
 SPECIALS = (PAD, BOS, EOS, UNK)
+# Their ids, fixed by their order in SPECIALS: the networks use these (model/networks.py).
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIALS))
 
 # Whitespace pre-tokenization splits "moon." into "moon" "."; decode glues punctuation back.
 _SPACE_BEFORE_PUNCT = re.compile(r" ([.,;:!?)])")
@@ -24,10 +26,7 @@ _SPACE_AFTER_OPEN = re.compile(r"([(]) ")
 class CaptionTokenizer:
     """Word-level caption tokenizer with fixed special ids (see module docstring)."""
 
-    pad_id = 0
-    bos_id = 1
-    eos_id = 2
-    unk_id = 3
+    pad_id, bos_id, eos_id, unk_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         for i, tok in enumerate(SPECIALS):

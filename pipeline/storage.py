@@ -8,11 +8,14 @@ AWS environment variables and config files (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import uuid
 
 import pyarrow.fs as pafs
+
+from model.io import atomic_write
 
 
 class StorageError(RuntimeError):
@@ -26,12 +29,17 @@ def is_s3(uri: str) -> bool:
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) for a local path or an s3:// URI."""
     if is_s3(uri):
-        import s3fs  # imported lazily: local runs never need botocore
-
-        # A fresh instance, so a changed AWS_ENDPOINT_URL (tests, several stores) is honoured.
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), uri[len("s3://") :].rstrip("/")
+        return _s3(os.environ.get("AWS_ENDPOINT_URL")), uri[len("s3://") :].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+@functools.lru_cache(maxsize=4)
+def _s3(endpoint: str | None) -> pafs.FileSystem:
+    """One S3 filesystem per process and endpoint (a new s3fs per file costs a connection setup);
+    the endpoint is the cache key, so a changed AWS_ENDPOINT_URL (tests, several stores) is honoured."""
+    import s3fs  # imported lazily: local runs never need botocore
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(s3fs.S3FileSystem(skip_instance_cache=True)))
 
 
 def join(uri: str, *parts: str) -> str:
@@ -61,8 +69,8 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole file. Local writes go to a temp name then rename, so a reader never sees
-    half a file; an S3 PUT is atomic by itself."""
+    """Write a whole file atomically: locally through model.io.atomic_write (temp file, then
+    rename), so a reader never sees half a file; an S3 PUT is atomic by itself."""
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path)
     if parent:
@@ -71,10 +79,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         with fs.open_output_stream(path) as f:
             f.write(data)
         return
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:

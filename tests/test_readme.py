@@ -71,7 +71,7 @@ def test_the_two_commands_exist():
 
 
 def test_the_cluster_run_config_is_a_valid_train_config():
-    from pipeline.training.train import TrainConfig
+    from pipeline.training.config import TrainConfig
 
     block = re.search(r"cat > h100\.yaml <<'YAML'\n(.*?)\nYAML\n", README, flags=re.S)
     assert block, "README.md lost its cluster run config"

@@ -52,6 +52,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from model.images import to_float
 from pipeline import storage
 
 if TYPE_CHECKING:
@@ -169,18 +170,8 @@ def to_model_gray(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-@functools.lru_cache(maxsize=4)
-def _fs(kind: str, endpoint: str | None) -> pafs.FileSystem:
-    """One filesystem per worker process and backend (a new s3fs per file would be slow);
-    the endpoint is part of the cache key so a changed AWS_ENDPOINT_URL gets a new one."""
-    return storage.filesystem("s3://probe" if kind == "s3" else "/")[0]
-
-
 def _read_image_bytes(uri: str) -> bytes:
-    if storage.is_s3(uri):
-        fs, path = _fs("s3", os.environ.get("AWS_ENDPOINT_URL")), uri[len("s3://") :]
-    else:
-        fs, path = _fs("local", None), os.path.abspath(uri)
+    fs, path = storage.filesystem(uri)  # raises FileNotFoundError for a missing file
     with fs.open_input_stream(path) as f:
         return f.read()
 
@@ -237,7 +228,7 @@ def _finalize_batch(
     """Ray map_batches: drop bad rows, scale images to [-1, 1], add tokens."""
     keep = np.isin(batch["skip"], ["", "truncated"])
     out = {
-        "image": batch["image"][keep].astype(np.float32) / 127.5 - 1.0,  # (B, S, S)
+        "image": to_float(batch["image"][keep]).numpy(),  # (B, S, S) in [-1, 1]
         "caption": batch["caption"][keep],
         "file_name": batch["file_name"][keep],
         "attributes": batch["attributes"][keep],

@@ -129,7 +129,7 @@ def _init_wandb(project: str, mode: str, run_id: str, local_dir: str, config: di
     run.define_metric("global_step")
     run.define_metric("epoch")
     run.define_metric("train/*", step_metric="global_step")
-    for prefix in ("epoch_train/*", "val/*", "perf/*", "samples/*"):
+    for prefix in ("train_epoch/*", "val/*", "perf/*", "samples/*"):
         run.define_metric(prefix, step_metric="epoch")
     run.define_metric("prior/*", step_metric="global_step")
     return run

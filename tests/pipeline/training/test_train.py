@@ -20,8 +20,9 @@ from jobs.train import parse_args, smoke_test_config
 from model.checkpoint import load_checkpoint
 from pipeline import storage
 from pipeline.data.engrave import render_dataset
+from pipeline.training.config import TrainConfig, TrainError, load_train_config
+from pipeline.training.driver import run_training
 from pipeline.training.metrics_log import wandb_run_id
-from pipeline.training.train import TrainConfig, TrainError, load_train_config, run_training
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -105,7 +106,7 @@ def test_a_new_run_starts_from_an_exported_checkpoint(ddp_run, ray_local, data, 
     cfg, export, epochs = ddp_run
     with pytest.raises(TrainError, match=r"another model config \(image_size 32 -> 16; "):
         run_training(tiny(data, str(tmp_path), "bad", init_from=export, image_size=16))
-    with pytest.raises(TrainError, match="config.json is missing"):
+    with pytest.raises(TrainError, match="not an exported checkpoint: .*does not exist"):
         run_training(tiny(data, str(tmp_path), "bad", init_from=str(tmp_path / "nowhere")))
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
     more = tiny(data, str(tmp_path), "more", init_from=export, epochs=1, lr=1e-4, log_samples=0,
@@ -181,6 +182,6 @@ def test_config_file_and_cli_overrides(tmp_path):
     with pytest.raises(ValueError, match="batchsize"):
         load_train_config(str(bad))
     with pytest.raises(ValueError, match="unknown loss weight"):
-        from pipeline.training.train import model_config
+        from pipeline.training.config import model_config
 
         model_config(cfg.replace(loss_weights={"klx": 1.0}))

@@ -1,0 +1,183 @@
+"""Training configuration: `TrainConfig` (one field per knob, each commented with why), YAML
+loading and the model config a run trains.
+
+Precedence is flags > YAML file > these defaults: `jobs.train` builds its command line from this
+dataclass (each field's comment is its `--help`), and `configs/*.yaml` set fields by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from model.config import ModelConfig, PresetName, get_preset
+from pipeline import storage
+from pipeline.training.metrics_log import WandbMode
+
+Precision = Literal["auto", "bf16", "fp32"]
+
+
+class TrainError(RuntimeError):
+    """A training input or resource problem, reported before any training starts."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything the training job needs. YAML files in configs/ set these fields by name."""
+
+    # -- data ---------------------------------------------------------------------------------
+    # Dataset URI (local or s3://): an image folder with metadata.jsonl or Parquet, see pipeline/data.py.
+    data: str = "data/engravings"
+    # Cap on training rows (None = all): smoke tests and throughput measurements.
+    max_train_samples: int | None = None
+    # Cap on validation rows (None = all, ~10% of the data by pipeline.data.split_of).
+    max_val_samples: int | None = None
+    # Decode the images once and keep them in the object store (20K x 128 px ~ 1.3 GB). Set it
+    # off for datasets larger than the object store: they then stream from storage each epoch.
+    cache_data: bool = True
+
+    # -- model --------------------------------------------------------------------------------
+    # Model size preset (model.config.PRESETS): tiny (tests), base (embedded default), large.
+    preset: PresetName = "base"
+    # Override of the preset's image size (power of two); channel stages are added/removed.
+    image_size: int | None = None
+    # Overrides of ModelConfig.loss_weights, e.g. {"kl": 0.002}; unknown names are an error.
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    # An exported checkpoint (local or s3://) whose weights and tokenizer start a *new* run:
+    # fine-tuning or training on. Its model config must equal this run's (same preset, image
+    # size, loss weights); the latent prior is refitted in phase 2.
+    init_from: str | None = None
+
+    # -- optimization (phase 1: autoencoder) --------------------------------------------------
+    # Passes over the training set; early stopping may end sooner.
+    epochs: int = 20
+    # Per worker: the global batch is batch_size x num_workers.
+    batch_size: int = 32
+    # Peak AdamW learning rate, reached after the warmup.
+    lr: float = 1e-3
+    # Decoupled weight decay (AdamW); small: the model is not overparameterized for its data.
+    weight_decay: float = 0.01
+    # Linear warmup steps from 0 to lr: avoids early blow-ups of the KL and contrastive terms.
+    warmup_steps: int = 200
+    # The cosine decay ends at lr x min_lr_ratio, not 0: the last epochs still learn.
+    min_lr_ratio: float = 0.05
+    # Gradient norm clip: the InfoNCE term spikes when a batch has many identical captions.
+    grad_clip: float = 1.0
+    # Early stopping: stop after this many epochs without a val-loss improvement (0 = never).
+    patience: int = 4
+    # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16" forces it on CPU too (AMX hosts).
+    precision: Precision = "auto"
+
+    # -- optimization (phase 2: latent prior) -------------------------------------------------
+    # Passes of the prior over the training set's posterior means (cheap: an MLP on z).
+    prior_epochs: int = 100
+    # Global prior batch (split over the workers): large batches suit a diffusion loss.
+    prior_batch_size: int = 256
+    # Peak prior learning rate (cosine decay to 0 over the prior phase).
+    prior_lr: float = 1e-3
+
+    # -- scale --------------------------------------------------------------------------------
+    # Ray Train workers, one DDP rank each.
+    num_workers: int = 1
+    # One GPU per worker when True (NCCL backend); CPU + gloo otherwise.
+    use_gpu: bool = False
+    # CPUs reserved per worker. On small hosts leave CPUs free for Ray Data.
+    cpus_per_worker: float = 1.0
+    # torch intra-op threads per worker (0 = torch's default, which Ray sets from the CPUs reserved).
+    torch_threads: int = 0
+    # Compare the resources asked for with ray.cluster_resources() before starting. Turn it off
+    # on autoscaling clusters, where the nodes that will run training may not be up yet.
+    check_resources: bool = True
+
+    # -- run, checkpoints, failures -----------------------------------------------------------
+    # Where Ray Train keeps runs (local folder or s3://); the run lives in <storage_path>/<name>.
+    # A multi-node cluster needs storage every node reaches (s3://, or a shared mount).
+    storage_path: str = "runs"
+    # Run name: the same name and storage path resume the run instead of starting over.
+    name: str = "inkseed-base"
+    # Seeds the model init and the per-epoch randomness (data order, posterior sampling).
+    seed: int = 0
+    # Report a checkpoint every N epochs (the last epoch of phase 1 is always checkpointed).
+    checkpoint_every: int = 1
+    # Checkpoints kept, best by val loss (the latest one is always kept too).
+    num_to_keep: int = 2
+    # Worker failures Ray Train recovers from (restarting from the latest checkpoint).
+    max_failures: int = 2
+    # Testing only: every worker raises after this epoch's report, on the first attempt only.
+    fail_after_epoch: int | None = None
+
+    # -- metrics ------------------------------------------------------------------------------
+    # W&B project; "auto" mode is online with WANDB_API_KEY set, offline otherwise.
+    wandb_project: str = "inkseed"
+    wandb_mode: WandbMode = "auto"
+    # Step-level metrics every N optimizer steps (epoch-level ones every epoch).
+    log_every: int = 50
+    # Seeds (and validation pairs) in the per-epoch W&B samples table; 0 disables it.
+    log_samples: int = 4
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "num_workers", "checkpoint_every", "num_to_keep", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("prior_epochs", "prior_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.prior_lr <= 0:
+            raise ValueError("TrainConfig.lr and prior_lr must be > 0")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"TrainConfig.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"TrainConfig.precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.wandb_mode not in ("auto", "online", "offline", "disabled"):
+            raise ValueError(f"TrainConfig.wandb_mode must be auto/online/offline/disabled, got {self.wandb_mode!r}")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"TrainConfig.name must be a non-empty folder name, got {self.name!r}")
+        self.loss_weights = {k: float(v) for k, v in dict(self.loss_weights).items()}
+
+    def autocast(self, device: torch.device) -> bool:
+        """bf16 autocast on this device: "auto" = on CUDA only."""
+        return self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def load_train_config(path: str) -> TrainConfig:
+    """A TrainConfig from a YAML file of field names (unknown names are an error)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"training config {path!r} does not exist")
+    with open(path) as f:
+        d = yaml.safe_load(f) or {}
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(d).__name__}")
+    return TrainConfig.from_dict(d)
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    """The preset with the image-size and loss-weight overrides applied."""
+    mc = get_preset(cfg.preset).with_image_size(cfg.image_size or get_preset(cfg.preset).image_size)
+    if cfg.loss_weights:
+        mc = mc.replace(loss_weights={**mc.loss_weights, **cfg.loss_weights})
+    return mc
+
+
+def run_dir(cfg: TrainConfig) -> str:
+    """The run's folder: <storage_path>/<name>."""
+    return storage.join(cfg.storage_path, cfg.name)
