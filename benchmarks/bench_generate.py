@@ -80,7 +80,8 @@ def plain_loop(checkpoint: str, seeds: range, batch_size: int, steps: int, out: 
 def pipeline_run(checkpoint: str, num_seeds: int, args: argparse.Namespace, out: str, actors: int) -> dict:
     import ray
 
-    from pipeline.generation.run import GenerateConfig, run_generation
+    from pipeline.generation.config import GenerateConfig
+    from pipeline.generation.run import run_generation
 
     started = not ray.is_initialized()
     if started:

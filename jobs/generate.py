@@ -21,7 +21,8 @@ import sys
 from typing import Any
 
 from jobs.ray_owner import run_owning_ray
-from pipeline.generation.run import GenerateConfig, GenerateError, run_generation
+from pipeline.generation.config import GenerateConfig, GenerateError
+from pipeline.generation.run import run_generation
 
 # --smoke-test defaults: a one-minute CPU run that exercises every stage, always starting fresh.
 SMOKE_TEST = {

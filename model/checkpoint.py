@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 from model import sampling
 from model.config import ModelConfig
+from model.io import atomic_write
 from model.networks import JointModel
 from model.tokenizer import CaptionTokenizer
 
@@ -70,28 +72,6 @@ def checkpoint_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """state_dict with tied tensors kept once (safetensors refuses shared storage)."""
     out, seen = {}, set()
@@ -118,7 +98,7 @@ def save_checkpoint(
         )
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    _atomic_save_tensors(root / WEIGHTS, _unique_state(model), {"format": "pt"})
+    atomic_write(root / WEIGHTS, save_tensors(_unique_state(model), metadata={"format": "pt"}))
     meta = {
         "format_version": FORMAT_VERSION,
         "model_class": "JointModel",
@@ -131,8 +111,8 @@ def save_checkpoint(
         text = json.dumps(meta, indent=2, sort_keys=True)
     except TypeError as e:
         raise TypeError(f"checkpoint `extra` must be JSON-serializable: {e}") from e
-    _atomic_write(root / CONFIG, text.encode())
-    _atomic_write(root / TOKENIZER, tokenizer.to_json().encode())
+    atomic_write(root / CONFIG, text.encode())
+    atomic_write(root / TOKENIZER, tokenizer.to_json().encode())
     return checkpoint_digest(root)
 
 
@@ -261,7 +241,18 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     )
 
 
-# -- generic tensor state (optimizer, scheduler, RNG) without pickle ------------------------------
+def read_checkpoint_files(read: Callable[[str], bytes], where: str) -> dict[str, bytes]:
+    """The checkpoint's files through any reader (`read(name) -> bytes`: a local folder, S3, ...),
+    for `load_checkpoint_files` or to ship to Ray actors. CheckpointError names a missing file."""
+    files = {}
+    for name in FILES:
+        try:
+            files[name] = read(name)
+        except (OSError, RuntimeError) as e:  # FileNotFoundError, pipeline.storage.StorageError
+            raise CheckpointError(f"{where.rstrip('/')}/{name}", f"missing or unreadable ({e})") from e
+    return files
+
+
 def load_checkpoint_files(files: dict[str, bytes], device: torch.device | str = "cpu") -> Inkseed:
     """load_checkpoint from the files' bytes (read from S3, or shipped to a Ray actor): they are
     written to a temporary folder and loaded (and verified) from there."""
@@ -271,6 +262,7 @@ def load_checkpoint_files(files: dict[str, bytes], device: torch.device | str = 
         return load_checkpoint(tmp, device=device)
 
 
+# -- generic tensor state (optimizer, scheduler, RNG) without pickle ------------------------------
 def save_state(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
 ) -> None:
@@ -278,7 +270,7 @@ def save_state(
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_save_tensors(p, clean, {"meta": json.dumps(meta or {}, sort_keys=True)})
+    atomic_write(p, save_tensors(clean, metadata={"meta": json.dumps(meta or {}, sort_keys=True)}))
 
 
 def load_state(

@@ -110,12 +110,12 @@ def check_writable(uri: str) -> None:
 
 
 def open_checkpoint(uri: str, device: str = "cpu"):
-    """model.checkpoint.load_checkpoint for a local folder or an s3:// prefix (copied to a temp
-    folder first; the hashes are verified on load). Returns an Inkseed."""
-    from model.checkpoint import FILES, load_checkpoint, load_checkpoint_files
+    """model.checkpoint.load_checkpoint for a local folder or an s3:// prefix (its files are read
+    through model.checkpoint.read_checkpoint_files; the hashes are verified on load). Returns an Inkseed."""
+    from model.checkpoint import load_checkpoint, load_checkpoint_files, read_checkpoint_files
 
     if not is_s3(uri):
         return load_checkpoint(uri, device=device)
-    ink = load_checkpoint_files({name: read_bytes(join(uri, name)) for name in FILES}, device)
+    ink = load_checkpoint_files(read_checkpoint_files(lambda name: read_bytes(join(uri, name)), uri), device)
     ink.path = uri
     return ink

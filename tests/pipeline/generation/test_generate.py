@@ -25,13 +25,9 @@ from PIL import Image
 from model.checkpoint import save_checkpoint
 from pipeline import storage
 from pipeline.generation import manifest
-from pipeline.generation.run import (
-    GenerateConfig,
-    GenerateError,
-    _assign_seeds,
-    resolve_resources,
-    run_generation,
-)
+from pipeline.generation.config import GenerateConfig, GenerateError
+from pipeline.generation.run import run_generation
+from pipeline.generation.sampler import _assign_seeds, resolve_resources
 
 from builders import scrambled_tiny
 
@@ -313,7 +309,7 @@ def test_different_rerun_is_refused_unless_overwrite(run300, tmp_path):
         ({"num_seeds": None, "seeds_file": "x.txt", "seed_start": 5}, "seed_start applies to a seed range"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"min_actors": 3, "max_actors": 2}, "max_actors must be >= min_actors"),
-        ({"checkpoint": "/nonexistent/ckpt"}, r"checkpoint '/nonexistent/ckpt' not found"),
+        ({"checkpoint": "/nonexistent/ckpt"}, r"checkpoint '/nonexistent/ckpt': config.json: missing"),
     ],
 )
 def test_bad_input_fails_before_any_work(change, message, ckpt, tmp_path):

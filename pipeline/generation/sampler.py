@@ -1,0 +1,175 @@
+"""The Ray Data side of generation: seeds from row numbers, and the actor that samples and writes.
+
+    ray.data.range(slots of the pending shards)
+      -> map_batches(_assign_seeds)                   slot -> (seed, shard), from the row alone
+      -> map_batches(SampleBatch, ActorPoolStrategy)  generate, write PNGs, return manifest columns
+
+Seeds and file names derive from the row, never from the worker, so any actor, any batch and
+any retry gives the same seed the same output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import ray
+import torch
+
+from model.checkpoint import load_checkpoint_files
+from model.images import png_bytes
+from model.sampling import Device, resolve_device
+from pipeline import storage
+from pipeline.generation import manifest
+from pipeline.generation.config import GenerateConfig, GenerateError
+from pipeline.generation.manifest import SeedPlan
+
+# Ray Data blocks of this many model batches: big enough that per-task overhead is small next to
+# sampling, small enough that several actors share a few-hundred-seed run.
+BATCHES_PER_BLOCK = 4
+
+
+def _assign_seeds(batch: dict[str, np.ndarray], plan: SeedPlan, pending: np.ndarray) -> dict[str, np.ndarray]:
+    """Slots of the pending shards -> (seed, shard). Slot i is position i % shard_size of pending
+    shard i // shard_size; slots past the last seed (a short last shard) are dropped."""
+    slot = batch["id"].astype(np.int64)  # (R,)
+    shard = pending[slot // plan.shard_size]
+    position = shard * plan.shard_size + slot % plan.shard_size
+    keep = position < plan.count
+    return {"seed": plan.seeds_at(position[keep]), "shard": shard[keep].astype(np.int32)}
+
+
+class SampleBatch:
+    """Ray Data callable class: a batch of seeds -> PNGs under OUT/images + manifest columns.
+
+    Loads the checkpoint once per actor. The actor runs two calls at once (see `build_dataset`):
+    the model is behind a lock, so one call samples while the other encodes and writes its PNGs.
+    """
+
+    def __init__(
+        self,
+        checkpoint_files: dict[str, bytes],
+        digest: str,
+        output: str,
+        *,
+        device: Device,
+        bf16: bool | None,
+        steps: int | None,
+        io_threads: int,
+    ) -> None:
+        try:
+            resolved = resolve_device(device)
+        except RuntimeError as e:
+            raise GenerateError(str(e)) from e
+        self.ink = load_checkpoint_files(checkpoint_files, resolved)
+        if self.ink.digest != digest:
+            raise GenerateError(f"checkpoint digest changed in transit: {self.ink.digest} != {digest}")
+        self.bf16, self.steps = bf16, steps
+        self.output = output
+        self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="png-io")
+        self.model_lock = threading.Lock()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seeds, shards = batch["seed"], batch["shard"]  # (B,) int64, (B,) int32
+        with self.model_lock, torch.inference_mode():
+            samples = self.ink.generate(seeds.tolist(), steps=self.steps, autocast=self.bf16)
+        created = np.datetime64(dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), "us")
+        paths = [manifest.image_path(int(sh), int(s)) for sh, s in zip(shards, seeds)]
+        # The row is returned only after its PNG is written: a manifest row implies its image.
+        sha = list(self.pool.map(self._write_png, samples.images, paths))
+        n, (h, w) = len(seeds), samples.images.shape[1:]  # images (B, H, W) uint8
+        return {
+            "seed": seeds,
+            "shard": shards,
+            "caption": np.asarray(samples.captions, dtype=object),
+            "image_path": np.asarray(paths, dtype=object),
+            "image_sha256": np.asarray(sha, dtype=object),
+            "width": np.full(n, w, np.int32),
+            "height": np.full(n, h, np.int32),
+            "alignment": np.asarray(samples.alignment, np.float32),
+            "created_at": np.full(n, created),
+        }
+
+    def _write_png(self, image: np.ndarray, rel_path: str) -> str:
+        """Encode one (H, W) uint8 image as PNG, write it under the output (atomically: an actor
+        of a killed run that is still writing can never leave a truncated PNG behind a rerun's
+        manifest), return its sha256."""
+        data = png_bytes(image)
+        storage.write_bytes(storage.join(self.output, rel_path), data)
+        return hashlib.sha256(data).hexdigest()
+
+    def __del__(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def build_dataset(
+    cfg: GenerateConfig, plan: SeedPlan, pending: list[int], ckpt: tuple[dict[str, bytes], str]
+) -> ray.data.Dataset:
+    """The lazy Ray Data pipeline over the pending shards (nothing runs until it is iterated).
+    cfg's resources must be resolved (`resolve_resources`)."""
+    slots = len(pending) * plan.shard_size
+    rows_per_block = cfg.batch_size * BATCHES_PER_BLOCK
+    ds = ray.data.range(slots, override_num_blocks=max(1, math.ceil(slots / rows_per_block)))
+    ds = ds.map_batches(
+        _assign_seeds,
+        fn_kwargs={"plan": plan, "pending": np.asarray(pending, dtype=np.int64)},
+        batch_size=None,
+        batch_format="numpy",
+    )
+    files, digest = ckpt
+    return ds.map_batches(
+        SampleBatch,
+        fn_constructor_args=(files, digest, cfg.output),
+        fn_constructor_kwargs={
+            "device": cfg.device,
+            "bf16": cfg.bf16,
+            "steps": cfg.steps,
+            "io_threads": cfg.io_threads,
+        },
+        # Two calls in flight per actor with real threads: the model lock in SampleBatch keeps one
+        # sampling at a time, while the other call's PNG writes overlap it.
+        compute=ray.data.ActorPoolStrategy(
+            min_size=cfg.min_actors,
+            max_size=cfg.max_actors,
+            max_concurrent_calls_per_actor=2,
+            enable_true_multi_threading=True,
+        ),
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        num_gpus=cfg.num_gpus,
+        num_cpus=cfg.num_cpus,
+    )
+
+
+def cluster_gpus() -> float:
+    """GPUs the cluster has now, or can autoscale to (an idle cluster.yaml cluster has none up).
+    The autoscaler's limits come from a private Ray API (the one Ray Data uses itself), so any
+    failure there falls back to the GPUs present now."""
+    present = ray.cluster_resources().get("GPU", 0.0)
+    try:
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001  (private API: absent or changed means "no autoscaler")
+        limits = {}
+    return max(present, float(limits.get("GPU", 0)))
+
+
+def resolve_resources(cfg: GenerateConfig) -> GenerateConfig:
+    """A copy of cfg with the 'auto' resources (num_gpus, max_actors) fixed on the running cluster:
+    one GPU per actor and one actor per GPU when the cluster has (or can add) GPUs, else 1 CPU actor."""
+    gpus = cluster_gpus()
+    num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if gpus else 0.0)
+    if cfg.device == "cuda" and num_gpus == 0:
+        raise GenerateError("device 'cuda' needs GPUs, but the cluster has none (or num_gpus is 0)")
+    if num_gpus > gpus:
+        raise GenerateError(f"num_gpus={num_gpus} per actor, but the cluster has at most {gpus:g} GPUs")
+    max_actors = cfg.max_actors or (max(1, int(gpus // num_gpus)) if num_gpus else 1)
+    return dataclasses.replace(
+        cfg, num_gpus=num_gpus, min_actors=min(cfg.min_actors, max_actors), max_actors=max_actors
+    )
