@@ -1,21 +1,29 @@
-"""A contact sheet of a generation output: the first samples' engravings with their captions.
+"""The one contact-sheet renderer: images with a label and a caption each, as PNG and as HTML.
 
-`python -m pipeline.contact_sheet OUT` reads OUT/manifest/*.parquet (pipeline/manifest.py), takes
-the rows of the smallest seeds, and writes OUT/contact_sheet.png: one tile per sample, the
-engraving scaled up without smoothing (so hatching stays crisp), its seed and alignment, and its
-caption wrapped underneath. OUT can be a local folder or s3://. scripts/demo.sh calls it last.
+Every stage uses it: the datasets of jobs.prepare_data, the evaluation report and generation
+outputs. One tile per sample, the image scaled up without smoothing (so hatching stays crisp),
+its label (seed, alignment) and its caption wrapped underneath; the HTML page embeds the images
+as data URIs, so it is one self-contained file.
+
+`python -m pipeline.contact_sheet OUT` reads OUT/manifest/*.parquet (pipeline/generation/manifest.py),
+takes the rows of the smallest seeds and writes OUT/contact_sheet.png and .html. OUT can be a
+local folder or s3://. scripts/demo.sh calls it last.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import html
 import io
 import textwrap
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow.dataset as pads
 from PIL import Image, ImageDraw, ImageFont
 
+from model.images import png_bytes
 from pipeline import storage
 
 PAPER = 255  # sheet background: white, like the plates' paper
@@ -66,16 +74,54 @@ def render_sheet(
     return sheet
 
 
+def render_html(images: Sequence[np.ndarray], labels: Sequence[str], captions: Sequence[str], title: str) -> str:
+    """A self-contained HTML page of the same tiles (images embedded as PNG data URIs)."""
+    cells = []
+    for image, label, caption in zip(images, labels, captions):
+        data = base64.b64encode(png_bytes(np.asarray(image))).decode()
+        cells.append(
+            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(label)}"><figcaption>'
+            f"<b>{html.escape(label)}</b><br>{html.escape(caption)}</figcaption></figure>"
+        )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+        "body{font-family:sans-serif;background:#fff}main{display:grid;grid-template-columns:repeat(auto-fill,200px);gap:12px}"
+        "figure{margin:0}img{width:192px;height:192px;image-rendering:pixelated;border:1px solid #ccc}"
+        "figcaption{font-size:12px}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>{len(cells)} samples</p><main>\n" + "\n".join(cells) + "\n</main></body></html>\n"
+    )
+
+
+def write_sheet(
+    images: Sequence[np.ndarray],
+    labels: Sequence[str],
+    captions: Sequence[str],
+    png_uri: str,
+    html_uri: str | None = None,
+    *,
+    columns: int = 4,
+    title: str = "inkseed contact sheet",
+) -> None:
+    """Write the PNG sheet (and the HTML page when html_uri is given); local paths or s3://."""
+    if not (len(images) == len(labels) == len(captions)) or not len(images):
+        raise ContactSheetError(
+            f"a contact sheet needs as many images, labels and captions (> 0): "
+            f"{len(images)}, {len(labels)}, {len(captions)}"
+        )
+    images = [np.asarray(i, dtype=np.uint8) for i in images]
+    storage.write_bytes(png_uri, png_bytes(render_sheet(images, list(labels), list(captions), columns=columns)))
+    if html_uri is not None:
+        storage.write_bytes(html_uri, render_html(images, labels, captions, title).encode())
+
+
 def write_contact_sheet(out: str, count: int = 16, columns: int = 4) -> str:
-    """Write OUT/contact_sheet.png from the manifest's `count` smallest seeds; return its path/URI."""
+    """Write OUT/contact_sheet.png and .html from the manifest's `count` smallest seeds; return
+    the PNG's path/URI."""
     rows = first_rows(out, count)
     images = [np.asarray(Image.open(io.BytesIO(storage.read_bytes(storage.join(out, r["image_path"]))))) for r in rows]
     labels = [f"seed {r['seed']}  align {r['alignment']:+.2f}" for r in rows]
-    sheet = render_sheet(images, labels, [r["caption"] for r in rows], columns=columns)
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
     target = storage.join(out, "contact_sheet.png")
-    storage.write_bytes(target, buf.getvalue())
+    write_sheet(images, labels, [r["caption"] for r in rows], target, storage.join(out, "contact_sheet.html"), columns=columns)
     return target
 
 
