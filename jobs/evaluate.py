@@ -21,8 +21,9 @@ from typing import Any
 
 from jobs.ray_owner import run_owning_ray
 from model.checkpoint import CheckpointError
+from pipeline.evaluation.config import EvaluateConfig
 from pipeline.evaluation.probe import ProbeConfig
-from pipeline.evaluation.report import EvaluateConfig, run_evaluation
+from pipeline.evaluation.run import run_evaluation
 from pipeline.storage import StorageError
 
 

@@ -21,6 +21,16 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIALS))
 # Whitespace pre-tokenization splits "moon." into "moon" "."; decode glues punctuation back.
 _SPACE_BEFORE_PUNCT = re.compile(r" ([.,;:!?)])")
 _SPACE_AFTER_OPEN = re.compile(r"([(]) ")
+_COMMA_WITHOUT_SPACE = re.compile(r",(?=\S)")
+
+
+def canonical_caption(text: str) -> str:
+    """The one caption normaliser: the spelling under which two captions count as the same text.
+    Case, runs of whitespace, a word tokenizer's " ," and " .", a missing space after a comma and a
+    final period do not count. The grammar parser, the evaluation's verbatim checks (distinct,
+    novel) and the free-form metrics all compare captions through it."""
+    text = " ".join(text.lower().split()).replace(" ,", ",").replace(" .", ".")
+    return _COMMA_WITHOUT_SPACE.sub(", ", text).removesuffix(".").strip()
 
 
 class CaptionTokenizer:

@@ -30,8 +30,8 @@ PAPER = 255  # sheet background: white, like the plates' paper
 TEXT_LINES = 5  # caption lines under each tile; longer captions end with "..."
 
 
-class ContactSheetError(RuntimeError):
-    """An output folder with no manifest rows to show."""
+class ContactSheetError(ValueError):
+    """Nothing to lay out: no images, unequal lists, or an output folder with no manifest rows."""
 
 
 def first_rows(out: str, count: int) -> list[dict]:

@@ -53,6 +53,8 @@ from __future__ import annotations
 import random
 import re
 
+from model.tokenizer import canonical_caption
+
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "subject": ("ship", "lighthouse", "windmill", "tower", "house", "tree", "church", "bridge"),
     "setting": ("sea", "hills", "field", "town"),
@@ -194,15 +196,9 @@ _SUBJECT_RE = re.compile(
 )
 
 
-def _normalize(text: str) -> str:
-    text = " ".join(text.lower().split())
-    text = text.replace(" ,", ",").removesuffix(".").strip()
-    return re.sub(r",(?=\S)", ", ", text)
-
-
 def parse_caption(text: str) -> dict[str, str] | None:
     """The scene a caption of the grammar describes, or None when ``text`` is not one."""
-    clauses = _normalize(text).split(", ")
+    clauses = canonical_caption(text).split(", ")
     found: dict[str, str] = {}
 
     def take(phrase: str) -> bool:

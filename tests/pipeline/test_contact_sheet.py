@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import io
+import re
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline import storage
-from pipeline.contact_sheet import ContactSheetError, render_sheet, write_contact_sheet
+from pipeline.contact_sheet import ContactSheetError, render_sheet, write_contact_sheet, write_sheet
 from pipeline.generation import manifest
 
 
@@ -83,3 +86,19 @@ def test_long_captions_are_cut_to_the_tile():
     assert short.shape == long.shape  # the caption never grows the cell
     below = slice(192 + 8, None)
     assert (long[below] < 128).sum() > (short[below] < 128).sum()
+
+
+def test_html_page_escapes_captions_and_embeds_the_exact_pixels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 32, 32), dtype=np.uint8)
+    captions = ["a <b>bold</b> caption", "two", "three"]
+    png, page = tmp_path / "s" / "sheet.png", tmp_path / "s" / "sheet.html"
+    write_sheet(images, ["seed 7", "seed 8  align -0.25", "seed 9"], captions, str(png), str(page))
+    assert Image.open(png).mode == "L"
+    text = page.read_text()
+    assert "&lt;b&gt;bold&lt;/b&gt;" in text and "<b>bold</b>" not in text
+    assert "<b>seed 8  align -0.25</b>" in text
+    first = re.search(r'src="data:image/png;base64,([^"]+)"', text).group(1)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(first)))), images[0])
+    with pytest.raises(ContactSheetError, match="as many"):
+        write_sheet(images, ["a", "b", "c"], captions[:2], str(png), str(page))

@@ -5,7 +5,6 @@ engraving data and on a dataset without attributes (local Ray reads the data).""
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import random
@@ -21,22 +20,19 @@ from model.checkpoint import save_checkpoint
 from pipeline import storage
 from pipeline.data.engrave import render_dataset
 from pipeline.data.grammar import ATTRIBUTES, make_caption, parse_caption, sample_attributes
-from pipeline.evaluation.probe import Probe, ProbeConfig, RealSet, accuracy, train_probe
-from pipeline.evaluation.report import (
-    EvaluateConfig,
-    EvaluateError,
+from pipeline.evaluation.config import EvaluateConfig, EvaluateError
+from pipeline.evaluation.metrics import (
     auc,
     chance_coherence,
-    check_targets,
     coherence,
-    contact_sheet,
     coverage,
     derangement,
     diversity,
-    format_table,
     frechet_distance,
     validity,
 )
+from pipeline.evaluation.probe import Probe, ProbeConfig, RealSet, accuracy, train_probe
+from pipeline.evaluation.targets import check_targets, format_table
 
 from builders import rendered_set, scrambled_tiny
 
@@ -296,22 +292,6 @@ def test_dataset_without_attributes(ray_local, checkpoint: str, engravings: Path
     assert re.search(r"skipped coherence: only 0\.0% of the held-out rows", format_table(report))
     # Only determinism still has a target that applies; the others are marked not measured.
     assert [t["metric"] for t in report["targets"] if t["met"] is not None] == ["determinism mismatches"]
-
-
-def test_contact_sheet(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (3, 32, 32), dtype=np.uint8)
-    captions = ["a <b>bold</b> caption", "two", "three"]
-    png, page = tmp_path / "s" / "sheet.png", tmp_path / "s" / "sheet.html"
-    contact_sheet(images, captions, [0.5, -0.25, 0.125], str(png), str(page), seeds=[7, 8, 9])
-    assert Image.open(png).mode == "L"
-    text = page.read_text()
-    assert "&lt;b&gt;bold&lt;/b&gt;" in text and "<b>bold</b>" not in text
-    assert "seed 8</b> · alignment -0.250" in text
-    first = re.search(r'src="data:image/png;base64,([^"]+)"', text).group(1)
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(first)))), images[0])
-    with pytest.raises(ValueError, match="as many"):
-        contact_sheet(images, captions[:2], [0.0] * 3, str(png), str(page))
 
 
 def test_bad_config_is_refused(tmp_path: Path) -> None:

@@ -1,0 +1,68 @@
+"""`EvaluateConfig`: everything `jobs.evaluate` needs (each field's comment is its `--help`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from model.sampling import Device
+from pipeline import storage
+from pipeline.evaluation.probe import ProbeConfig
+
+Log = Callable[[str], None]
+# Below this share of held-out rows with grammar captions / attributes, the grammar metrics are
+# skipped: the dataset is not the engraving grammar's, and the numbers would mean nothing.
+MIN_SHARE = 0.95
+
+
+
+class EvaluateError(ValueError):
+    """Bad input to the evaluation, detected before the work starts."""
+
+
+@dataclass
+class EvaluateConfig:
+    """Everything `jobs.evaluate` needs."""
+
+    # Checkpoint directory (local or s3://) as written by save_checkpoint / jobs.train.
+    checkpoint: str = "checkpoints/default"
+    # Dataset URI (image folder with metadata.jsonl, or Parquet; local or s3://): its val split is
+    # the held-out real data, its train split trains the probe and is the "copied verbatim" set.
+    data: str = "data/engravings"
+    # Output folder (local or s3://): report.json, contact_sheet.png, contact_sheet.html.
+    out: str = "eval"
+    # N: seeds seed_start .. seed_start + num_seeds - 1 are generated and measured.
+    num_seeds: int = 1000
+    seed_start: int = 0
+    # Seeds per model call; 64 keeps CPU memory small (1,000 seeds at 128 px are only 16 MB).
+    batch_size: int = 64
+    # Where the model runs; "auto" = CUDA when available.
+    device: Device = "auto"
+    # Probe cache folder; None = <data>/.probe (or beside a single-file dataset).
+    probe_cache: str | None = None
+    # How the attribute probe is built and trained (pipeline/probe.py); its image_size is
+    # replaced by the checkpoint's, so the probe reads images at the size the model makes.
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    # Held-out pairs used by each conditional mode (caption / illustrate): 500 give +-2% at 90%.
+    num_conditional: int = 500
+    # Seeds re-generated alone and in a mixed batch for the determinism check.
+    determinism_seeds: int = 16
+    # Samples on the contact sheet (the first seeds of the range).
+    contact_seeds: int = 32
+
+    def validate(self) -> None:
+        checks = {
+            "num_seeds must be >= 2": self.num_seeds >= 2,
+            "seed_start must be >= 0": self.seed_start >= 0,
+            "batch_size must be >= 1": self.batch_size >= 1,
+            "probe epochs must be >= 1": self.probe.epochs >= 1,
+            "num_conditional must be >= 1": self.num_conditional >= 1,
+            "determinism_seeds must be >= 1": self.determinism_seeds >= 1,
+            "contact_seeds must be >= 1": self.contact_seeds >= 1,
+            "device must be auto, cpu or cuda": self.device in ("auto", "cpu", "cuda"),
+        }
+        for message, ok in checks.items():
+            if not ok:
+                raise EvaluateError(message)
+        if not storage.exists(self.data):
+            raise EvaluateError(f"dataset {self.data!r} does not exist")
