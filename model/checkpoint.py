@@ -169,51 +169,65 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     for name in FILES:
         if not (root / name).is_file():
             raise CheckpointError(root / name, "missing from the checkpoint directory")
+    meta, config = _read_config(root / CONFIG)  # 1. format, model config, expected weights hash
+    tokenizer = _read_tokenizer(root / TOKENIZER, int(meta["vocab_size"]))  # 2. token ids
+    state = _read_weights(root / WEIGHTS, meta["weights_sha256"])  # 3. parse, hash, finite
+    model = JointModel(config, int(meta["vocab_size"]))  # 4. every key and shape checked first
+    _check_state(root / WEIGHTS, _unique_state(model), state, config)
+    model.load_state_dict(state, strict=False)  # tied weights arrive through their one stored copy
+    model.to(device).eval()
+    return Inkseed(
+        model, tokenizer, config, checkpoint_digest(root), dict(meta.get("extra") or {}), str(root)
+    )
 
-    # 1. config.json: format, model config, expected weights hash.
-    meta = _read_json(root / CONFIG)
+
+def _read_config(file: Path) -> tuple[dict[str, Any], ModelConfig]:
+    meta = _read_json(file)
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(
-            root / CONFIG, f"unsupported format_version {version!r} (this code reads {FORMAT_VERSION})"
-        )
+        raise CheckpointError(file, f"unsupported format_version {version!r} (this code reads {FORMAT_VERSION})")
     for key in ("model_config", "vocab_size", "weights_sha256"):
         if key not in meta:
-            raise CheckpointError(root / CONFIG, f"missing field {key!r}")
+            raise CheckpointError(file, f"missing field {key!r}")
     try:
-        config = ModelConfig.from_dict(meta["model_config"])
+        return meta, ModelConfig.from_dict(meta["model_config"])
     except (TypeError, ValueError) as e:
-        raise CheckpointError(root / CONFIG, f"invalid model_config ({e})") from e
-    vocab_size = int(meta["vocab_size"])
+        raise CheckpointError(file, f"invalid model_config ({e})") from e
 
-    # 2. tokenizer.json.
+
+def _read_tokenizer(file: Path, vocab_size: int) -> CaptionTokenizer:
     try:
-        tokenizer = CaptionTokenizer.from_json((root / TOKENIZER).read_text())
+        tokenizer = CaptionTokenizer.from_json(file.read_text())
     except Exception as e:  # tokenizers raises plain Exception subclasses
-        raise CheckpointError(root / TOKENIZER, f"not a valid tokenizer ({e})") from e
+        raise CheckpointError(file, f"not a valid tokenizer ({e})") from e
     if tokenizer.vocab_size != vocab_size:
-        raise CheckpointError(
-            root / TOKENIZER,
-            f"has {tokenizer.vocab_size} tokens but config.json says vocab_size={vocab_size}",
-        )
+        raise CheckpointError(file, f"has {tokenizer.vocab_size} tokens but config.json says vocab_size={vocab_size}")
+    return tokenizer
 
-    # 3. model.safetensors: parse (truncation / corruption), then the hash (tampering).
-    weights = root / WEIGHTS
+
+def _read_weights(file: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
+    """Parse (truncation / corruption), then the hash (tampering), then finiteness: NaN or inf
+    weights would write black images with empty captions and NaN alignment into a manifest."""
     try:
-        state = load_file(str(weights), device="cpu")
+        state = load_file(str(file), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(weights, f"truncated or corrupt safetensors file ({e})") from e
-    actual = sha256_file(weights)
-    if actual != meta["weights_sha256"]:
+        raise CheckpointError(file, f"truncated or corrupt safetensors file ({e})") from e
+    actual = sha256_file(file)
+    if actual != expected_sha256:
         raise CheckpointError(
-            weights,
-            f"sha256 mismatch: config.json expects {meta['weights_sha256'][:16]}..., file has {actual[:16]}... "
+            file,
+            f"sha256 mismatch: config.json expects {expected_sha256[:16]}..., file has {actual[:16]}... "
             "(the weights were modified or replaced)",
         )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(file, f"{len(bad)} weight(s) hold NaN or inf values, e.g. {bad[:3]}")
+    return state
 
-    # 4. Build the model from the config and check every key and shape before loading.
-    model = JointModel(config, vocab_size)
-    expected = _unique_state(model)
+
+def _check_state(
+    file: Path, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], config: ModelConfig
+) -> None:
     where = f"(config.json: image_size={config.image_size}, z_dim={config.z_dim}, channels={list(config.channels)})"
     bad = [
         f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
@@ -221,24 +235,13 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
         if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
     if bad:
-        raise CheckpointError(
-            weights, f"shape mismatch with {where} in {len(bad)} weight(s): " + "; ".join(bad[:3])
-        )
+        raise CheckpointError(file, f"shape mismatch with {where} in {len(bad)} weight(s): " + "; ".join(bad[:3]))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
-        raise CheckpointError(
-            weights, f"missing {len(missing)} weight(s) the config needs {where}, e.g. {missing[:5]}"
-        )
+        raise CheckpointError(file, f"missing {len(missing)} weight(s) the config needs {where}, e.g. {missing[:5]}")
     if unexpected:
-        raise CheckpointError(
-            weights, f"{len(unexpected)} unexpected weight(s) {where}, e.g. {unexpected[:5]}"
-        )
-    model.load_state_dict(state, strict=False)  # tied weights arrive through their one stored copy
-    model.to(device).eval()
-    return Inkseed(
-        model, tokenizer, config, checkpoint_digest(root), dict(meta.get("extra") or {}), str(root)
-    )
+        raise CheckpointError(file, f"{len(unexpected)} unexpected weight(s) {where}, e.g. {unexpected[:5]}")
 
 
 def read_checkpoint_files(read: Callable[[str], bytes], where: str) -> dict[str, bytes]:

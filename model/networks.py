@@ -334,6 +334,17 @@ class JointModel(nn.Module):
         return self.prior.loss(z)
 
     # -- training ----------------------------------------------------------------------------
+    def _expert_masks(self, mode: Posterior, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) float masks of the image and caption experts for a posterior mode ("mix" draws
+        joint / image-only / caption-only per sample with config.posterior_mix)."""
+        if mode == "mix":
+            choice = torch.multinomial(
+                torch.tensor(self.config.posterior_mix, device=device), b, replacement=True
+            )  # (B,) 0 joint, 1 image, 2 caption
+        else:
+            choice = torch.full((b,), {"joint": 0, "image": 1, "caption": 2}[mode], device=device)
+        return (choice != 2).float(), (choice != 1).float()
+
     def forward(
         self, images: torch.Tensor, tokens: torch.Tensor, posterior: Posterior | None = None
     ) -> dict[str, torch.Tensor]:
@@ -350,14 +361,7 @@ class JointModel(nn.Module):
         mu_c, lv_c, e_c = self.encode_caption(tokens)
 
         # 1. Which experts each sample keeps: joint (1, 1), image-only (1, 0), caption-only (0, 1).
-        if mode == "mix":
-            choice = torch.multinomial(
-                torch.tensor(cfg.posterior_mix, device=images.device), b, replacement=True
-            )  # (B,) 0 joint, 1 image, 2 caption
-        else:
-            choice = torch.full((b,), {"joint": 0, "image": 1, "caption": 2}[mode], device=images.device)
-        m_img = (choice != 2).float()
-        m_cap = (choice != 1).float()
+        m_img, m_cap = self._expert_masks(mode, b, images.device)
         mu, logvar = product_of_experts([mu_i, mu_c], [lv_i, lv_c], [m_img, m_cap])  # (B, D)
 
         # 2. Reparameterized z (sampled in training, the mean otherwise).

@@ -128,8 +128,6 @@ def load_dataset(
     caption_column: str | None = None,
 ) -> tuple[ray.data.Dataset, IngestStats]:
     """`read_dataset`, also returning the ingestion counts."""
-    import ray.data
-
     if split not in ("train", "val", "all"):
         raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
     if max_caption_tokens < 3:
@@ -137,33 +135,52 @@ def load_dataset(
             f"max_caption_tokens must be at least 3 (bos, a word, eos), got {max_caption_tokens}"
         )
     check_exists(uri)
-    max_words = max_caption_tokens - 2  # room for bos and eos
     tokenizer_json = tokenizer.to_json() if tokenizer is not None else None
-    if is_imagefolder(uri):
-        table = imagefolder_rows(uri, split, max_words, tokenizer, caption_column)
-        blocks = [table.slice(i, BLOCK_ROWS) for i in range(0, max(1, table.num_rows), BLOCK_ROWS)]
-        rows = ray.data.from_arrow(blocks)
-    else:
-        layout = parquet_layout(uri, caption_column)
-        fs, _ = storage.filesystem(layout.files[0])
-        paths = [storage.filesystem(f)[1] for f in layout.files]
-        with parquet_reader_v1():
-            rows = ray.data.read_parquet(paths, filesystem=fs)  # every column: extras become attributes
-        rows = rows.map_batches(
-            parquet_rows,
-            batch_format="pyarrow",
-            batch_size=BLOCK_ROWS,
-            fn_kwargs={
-                "layout": layout,
-                "split": split,
-                "max_words": max_words,
-                "tokenizer_json": tokenizer_json,
-            },
-        )
+    rows = _row_dataset(uri, split, max_caption_tokens - 2, tokenizer, caption_column)  # room for bos, eos
     decoded = rows.map_batches(
         decode_batch, batch_format="numpy", batch_size=BLOCK_ROWS, fn_kwargs={"image_size": image_size}
     ).materialize()
+    stats = _check_stats(decoded, uri, split, max_bad_fraction)
+    final = decoded.map_batches(
+        finalize_batch,
+        batch_format="numpy",
+        batch_size=BLOCK_ROWS,
+        fn_kwargs={"tokenizer_json": tokenizer_json, "max_len": max_caption_tokens},
+    )
+    return final, stats
 
+
+def _row_dataset(
+    uri: str, split: Split, max_words: int, tokenizer: CaptionTokenizer | None, caption_column: str | None
+) -> ray.data.Dataset:
+    """The intermediate rows (file name, caption, attributes, skip, image URI or bytes) as a lazy
+    Ray Dataset: an image folder's metadata is read here, Parquet is read by Ray Data tasks."""
+    import ray.data
+
+    if is_imagefolder(uri):
+        table = imagefolder_rows(uri, split, max_words, tokenizer, caption_column)
+        blocks = [table.slice(i, BLOCK_ROWS) for i in range(0, max(1, table.num_rows), BLOCK_ROWS)]
+        return ray.data.from_arrow(blocks)
+    layout = parquet_layout(uri, caption_column)
+    fs, _ = storage.filesystem(layout.files[0])
+    paths = [storage.filesystem(f)[1] for f in layout.files]
+    with parquet_reader_v1():
+        rows = ray.data.read_parquet(paths, filesystem=fs)  # every column: extras become attributes
+    return rows.map_batches(
+        parquet_rows,
+        batch_format="pyarrow",
+        batch_size=BLOCK_ROWS,
+        fn_kwargs={
+            "layout": layout,
+            "split": split,
+            "max_words": max_words,
+            "tokenizer_json": tokenizer.to_json() if tokenizer is not None else None,
+        },
+    )
+
+
+def _check_stats(decoded: ray.data.Dataset, uri: str, split: Split, max_bad_fraction: float) -> IngestStats:
+    """Count the rows by skip reason, print the summary, and refuse an empty or too-bad dataset."""
     skips = decoded.select_columns(["skip"]).to_pandas()
     counts = Counter(skips["skip"]) if "skip" in skips else Counter()  # no columns when empty
     stats = IngestStats(
@@ -173,21 +190,13 @@ def load_dataset(
     )
     print(stats.summary(uri), flush=True)  # the user's view of their data: skip counts by reason
     if stats.rows_read == 0:
-        raise DatasetError(
-            f"dataset {uri!r} has no rows" + (f" in split {split!r}" if split != "all" else "")
-        )
+        raise DatasetError(f"dataset {uri!r} has no rows" + (f" in split {split!r}" if split != "all" else ""))
     if stats.bad_fraction > max_bad_fraction:
         raise DatasetError(
             f"{uri}: {stats.bad_fraction:.1%} of rows are bad, more than max_bad_fraction={max_bad_fraction:.1%} "
             f"({stats.summary(uri)})"
         )
-    final = decoded.map_batches(
-        finalize_batch,
-        batch_format="numpy",
-        batch_size=BLOCK_ROWS,
-        fn_kwargs={"tokenizer_json": tokenizer_json, "max_len": max_caption_tokens},
-    )
-    return final, stats
+    return stats
 
 
 def read_dataset(

@@ -147,6 +147,17 @@ def test_missing_and_unexpected_keys(saved, tmp_path):
         load_checkpoint(dst)
 
 
+def test_non_finite_weights_are_refused(saved, tmp_path):
+    """NaN weights with a correct hash (a diverged run saved as is) must not load: they would
+    write black images with empty captions and NaN alignment into a manifest."""
+    dst = _copy(saved, tmp_path / "nan")
+    state = load_file(str(dst / "model.safetensors"))
+    state["prior.out.weight"][0, 0] = float("nan")
+    _rewrite(dst, state)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: 1 weight\(s\) hold NaN or inf values.*prior\.out\.weight"):
+        load_checkpoint(dst)
+
+
 def test_shape_mismatch_config_vs_weights(saved, tmp_path):
     dst = _copy(saved, tmp_path)
     meta = json.loads((dst / "config.json").read_text())
