@@ -9,7 +9,7 @@ from model.config import get_preset
 from model.networks import JointModel
 from model.tokenizer import CaptionTokenizer
 from pipeline.data.engrave import make_sample
-from pipeline.evaluation.probe import RealSet
+from pipeline.evaluation.real import RealSet
 
 
 def scrambled_tiny(captions: list[str], seed: int = 0) -> tuple[JointModel, CaptionTokenizer]:

@@ -6,9 +6,7 @@ held-out real images (val split), and never sees a generated image, so a generat
 the probe reads as "a windmill at night" looks like the real windmills at night it was trained
 on. Its penultimate features are also the feature space of the Fréchet distance (fidelity).
 
-It is trained once per dataset and image size and cached as safetensors + JSON (default under
-`<data>/.probe/`; pyarrow and the imagefolder reader skip dot-folders), keyed by the dataset
-URI, the image size, a fingerprint of the dataset files and the probe's own settings.
+It is trained once per dataset and image size and cached (pipeline/evaluation/probe_cache.py).
 
 Images enter as uint8 (B, S, S), ink dark on light paper: the same format `model.sampling`
 returns, so real and generated images go through exactly the same conversion.
@@ -16,24 +14,18 @@ returns, so real and generated images go through exactly the same conversion.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 from torch import nn
 
-from pipeline import storage
 from pipeline.data.grammar import ATTRIBUTES
+from pipeline.evaluation.real import RealSet
 
 FORMAT_VERSION = 1
 Log = Callable[[str], None]
@@ -69,64 +61,6 @@ class ProbeConfig:
     seed: int = 0
 
 
-@dataclass
-class RealSet:
-    """Real images of one split, decoded at one size: uint8 (N, S, S) plus their metadata."""
-
-    images: np.ndarray
-    captions: list[str]
-    file_names: list[str]
-    # Grammar attributes per row (values as str); None for a row without all of them.
-    attributes: list[dict[str, str] | None]
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def subset(self, idx: Sequence[int] | np.ndarray) -> RealSet:
-        idx = [int(i) for i in idx]
-        return RealSet(
-            self.images[idx],
-            [self.captions[i] for i in idx],
-            [self.file_names[i] for i in idx],
-            [self.attributes[i] for i in idx],
-        )
-
-    def labeled(self) -> RealSet:
-        """The rows that carry every grammar attribute."""
-        return self.subset([i for i, a in enumerate(self.attributes) if a is not None])
-
-
-def grammar_attributes(raw: dict, spec: dict[str, tuple[str, ...]] = ATTRIBUTES) -> dict[str, str] | None:
-    """The grammar attributes of one metadata row (values as str), None if any is missing or unknown."""
-    out = {}
-    for name, values in spec.items():
-        value = raw.get(name)
-        if value is None or str(value) not in values:
-            return None
-        out[name] = str(value)
-    return out
-
-
-def load_real(uri: str, image_size: int, split: Literal["train", "val"]) -> RealSet:
-    """Every row of one split of a dataset (any format `pipeline.data` reads), sorted by file name
-    so the same dataset always gives the same order."""
-    from pipeline.data.ingest import read_dataset  # Ray Data; imported here so the probe itself needs no Ray
-
-    # No caption truncation: a cut caption would no longer parse in the grammar.
-    ds = read_dataset(uri, image_size=image_size, split=split, max_caption_tokens=1024)
-    images, captions, names, attrs = [], [], [], []
-    for batch in ds.iter_batches(batch_size=512, batch_format="numpy"):
-        x = np.asarray(batch["image"], dtype=np.float32)  # (B, S, S) in [-1, 1]
-        images.append(np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8))
-        captions += [str(c) for c in batch["caption"]]
-        names += [str(n) for n in batch["file_name"]]
-        attrs += [grammar_attributes(json.loads(a or "{}")) for a in batch["attributes"]]
-    order = np.argsort(np.asarray(names), kind="stable")
-    stacked = np.concatenate(images)
-    return RealSet(stacked, captions, names, attrs).subset(order)
-
-
-# -- the network ----------------------------------------------------------------------------------
 class AttributeProbe(nn.Module):
     """uint8-range images -> penultimate features -> one logit vector per attribute.
 
@@ -222,7 +156,6 @@ def _check_images(images: np.ndarray, size: int) -> None:
         raise ValueError(f"probe expects uint8 images (N, {size}, {size}), got {images.dtype} {images.shape}")
 
 
-# -- training -------------------------------------------------------------------------------------
 def _labels(rows: RealSet, attributes: dict[str, tuple[str, ...]]) -> dict[str, torch.Tensor]:
     """Class index per attribute, (N,) each; every row must be labeled."""
     return {
@@ -303,163 +236,9 @@ def train_probe(
     probe = Probe(net.eval(), cfg, key, {}, seconds, len(train), len(val), epochs)
     pred, _ = probe.read(val.images)
     probe.accuracy = accuracy(pred, val.attributes)  # type: ignore[arg-type]
-    log(f"probe: held-out accuracy {_fmt_acc(probe.accuracy)} after {seconds:.0f}s on {len(train)} images")
+    log(f"probe: held-out accuracy {fmt_accuracy(probe.accuracy)} after {seconds:.0f}s on {len(train)} images")
     return probe
 
 
-def _fmt_acc(acc: dict[str, float]) -> str:
+def fmt_accuracy(acc: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
-
-
-# -- cache ----------------------------------------------------------------------------------------
-def dataset_fingerprint(uri: str) -> str:
-    """sha256 of the dataset's metadata file(s) and of its top-level file names and sizes.
-
-    Rendering more images, editing captions or replacing Parquet parts changes it; reading
-    every image would cost as much as training the probe, so image bytes are not hashed.
-    """
-    fs, path = storage.filesystem(uri)
-    h = hashlib.sha256()
-    info = fs.get_file_info(path)
-    if info.type == storage.pafs.FileType.NotFound:
-        raise FileNotFoundError(f"dataset {uri!r} does not exist")
-    infos = (
-        [info]
-        if info.type == storage.pafs.FileType.File
-        else fs.get_file_info(storage.pafs.FileSelector(path))
-    )
-    for i in sorted(infos, key=lambda i: i.path):
-        if i.type != storage.pafs.FileType.File:
-            continue
-        name = i.path.rsplit("/", 1)[-1]
-        h.update(f"{name}\t{i.size}\n".encode())
-        if name in ("metadata.jsonl", "metadata.csv"):
-            with fs.open_input_stream(i.path) as f:
-                h.update(f.read())
-    return h.hexdigest()
-
-
-def probe_key(uri: str, cfg: ProbeConfig, attributes: dict[str, tuple[str, ...]] = ATTRIBUTES) -> str:
-    """Cache key: dataset URI, fingerprint, the probe settings (incl. image size) and the attribute set."""
-    canonical = uri if storage.is_s3(uri) else storage.filesystem(uri)[1]
-    blob = json.dumps(
-        {
-            "format": FORMAT_VERSION,
-            "uri": canonical.rstrip("/"),
-            "fingerprint": dataset_fingerprint(uri),
-            "config": asdict(cfg),
-            "attributes": {k: list(v) for k, v in attributes.items()},
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def default_cache_dir(data_uri: str) -> str:
-    """`<data>/.probe` for a dataset folder, `<folder of the file>/.probe` for a single file."""
-    if storage.is_dir(data_uri):
-        return storage.join(data_uri, ".probe")
-    if storage.is_s3(data_uri):
-        return storage.join(data_uri.rstrip("/").rsplit("/", 1)[0], ".probe")
-    return storage.join(os.path.dirname(os.path.abspath(data_uri)), ".probe")
-
-
-def _paths(cache_dir: str, cfg: ProbeConfig, key: str) -> tuple[str, str]:
-    stem = storage.join(cache_dir, f"probe-{cfg.image_size}px-{key}")
-    return f"{stem}.safetensors", f"{stem}.json"
-
-
-def save_probe(probe: Probe, cache_dir: str) -> str:
-    """Write weights (safetensors) and description (JSON); returns the weights path."""
-    weights, meta = _paths(cache_dir, probe.config, probe.key)
-    state = {k: v.detach().cpu().contiguous() for k, v in probe.net.state_dict().items()}
-    storage.write_bytes(weights, save_tensors(state))
-    doc = {
-        "format_version": FORMAT_VERSION,
-        "key": probe.key,
-        "config": asdict(probe.config),
-        "attributes": {k: list(v) for k, v in probe.attributes.items()},
-        "accuracy": probe.accuracy,
-        "train_seconds": probe.train_seconds,
-        "train_size": probe.train_size,
-        "val_size": probe.val_size,
-        "epochs": probe.epochs,
-        "weights_sha256": hashlib.sha256(storage.read_bytes(weights)).hexdigest(),
-    }
-    storage.write_bytes(meta, json.dumps(doc, indent=1).encode())
-    return weights
-
-
-def load_probe(cache_dir: str, cfg: ProbeConfig, key: str) -> Probe | None:
-    """The cached probe for this key, or None when there is none (or it is damaged: retrain)."""
-    weights, meta = _paths(cache_dir, cfg, key)
-    if not (storage.exists(weights) and storage.exists(meta)):
-        return None
-    try:
-        doc = json.loads(storage.read_bytes(meta))
-        blob = storage.read_bytes(weights)
-        if doc.get("key") != key or hashlib.sha256(blob).hexdigest() != doc.get("weights_sha256"):
-            return None
-        attributes = {k: tuple(v) for k, v in doc["attributes"].items()}
-        net = AttributeProbe(cfg, attributes)
-        net.load_state_dict(load_tensors(blob))
-    except (ValueError, KeyError, RuntimeError, json.JSONDecodeError):
-        return None
-    return Probe(
-        net.eval(),
-        cfg,
-        key,
-        doc["accuracy"],
-        doc["train_seconds"],
-        doc["train_size"],
-        doc["val_size"],
-        doc["epochs"],
-        cached=True,
-        source=weights,
-    )
-
-
-def get_probe(
-    data_uri: str,
-    cfg: ProbeConfig,
-    *,
-    cache_dir: str | None = None,
-    val: RealSet | None = None,
-    log: Log = print,
-) -> Probe:
-    """The dataset's probe: from the cache, or trained on the train split (then cached).
-
-    `val` (the held-out split at cfg.image_size) may be passed when the caller has it already.
-    """
-    cache_dir = cache_dir or default_cache_dir(data_uri)
-    key = probe_key(data_uri, cfg)
-    probe = load_probe(cache_dir, cfg, key)
-    if probe is not None:
-        log(f"probe: cached {probe.source} (held-out accuracy {_fmt_acc(probe.accuracy)})")
-        return probe
-    log(f"probe: none cached for this dataset at {cfg.image_size}px; training one on the train split")
-    val = val if val is not None else load_real(data_uri, cfg.image_size, "val")
-    train = load_real(data_uri, cfg.image_size, "train")
-    probe = train_probe(train, val, cfg, key=key, log=log)
-    try:
-        probe.source = save_probe(probe, cache_dir)
-    except (storage.StorageError, OSError) as e:  # a read-only dataset still gets evaluated
-        log(f"probe: could not cache it in {cache_dir} ({e}); pass --probe-cache to keep it")
-    return probe
-
-
-__all__ = [
-    "AttributeProbe",
-    "Probe",
-    "ProbeConfig",
-    "RealSet",
-    "accuracy",
-    "dataset_fingerprint",
-    "get_probe",
-    "grammar_attributes",
-    "load_probe",
-    "load_real",
-    "probe_key",
-    "save_probe",
-    "train_probe",
-]

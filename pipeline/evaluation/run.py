@@ -41,7 +41,9 @@ from pipeline.data.grammar import ATTRIBUTES, parse_caption
 from pipeline.evaluation.batched import Generated, generate_batched
 from pipeline.evaluation.config import MIN_SHARE, EvaluateConfig, EvaluateError, Log
 from pipeline.evaluation.metrics import diversity, validity
-from pipeline.evaluation.probe import Probe, RealSet, get_probe, load_real
+from pipeline.evaluation.probe import Probe
+from pipeline.evaluation.probe_cache import get_probe
+from pipeline.evaluation.real import RealSet, load_real
 from pipeline.evaluation.sections import (
     alignment_section,
     coherence_section,

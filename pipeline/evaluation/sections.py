@@ -22,7 +22,8 @@ from pipeline.evaluation.metrics import (
     distribution,
     frechet_distance,
 )
-from pipeline.evaluation.probe import Probe, RealSet, accuracy
+from pipeline.evaluation.probe import Probe, accuracy
+from pipeline.evaluation.real import RealSet
 
 
 def alignment_section(

@@ -31,7 +31,8 @@ from pipeline.evaluation.metrics import (
     frechet_distance,
     validity,
 )
-from pipeline.evaluation.probe import Probe, ProbeConfig, RealSet, accuracy, train_probe
+from pipeline.evaluation.probe import Probe, ProbeConfig, accuracy, train_probe
+from pipeline.evaluation.real import RealSet
 from pipeline.evaluation.targets import check_targets, format_table
 
 from builders import rendered_set, scrambled_tiny

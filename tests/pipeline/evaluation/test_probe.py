@@ -17,21 +17,9 @@ from PIL import Image, ImageFilter
 
 from pipeline.data.engrave import render_dataset
 from pipeline.data.grammar import ATTRIBUTES
-from pipeline.evaluation.probe import (
-    Probe,
-    ProbeConfig,
-    RealSet,
-    accuracy,
-    blur_some,
-    dataset_fingerprint,
-    get_probe,
-    grammar_attributes,
-    load_probe,
-    load_real,
-    probe_key,
-    save_probe,
-    train_probe,
-)
+from pipeline.evaluation.probe import Probe, ProbeConfig, accuracy, blur_some, train_probe
+from pipeline.evaluation.probe_cache import dataset_fingerprint, get_probe, load_probe, probe_key, save_probe
+from pipeline.evaluation.real import RealSet, grammar_attributes, load_real
 
 from builders import rendered_set
 
