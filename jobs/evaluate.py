@@ -1,4 +1,4 @@
-"""Evaluation job: measure a checkpoint against a dataset (pipeline/evaluate.py).
+"""Evaluation job: measure a checkpoint against a dataset (pipeline/evaluation/).
 
 Locally (Ray starts in-process only to read the dataset; the model runs in this process):
 
@@ -15,37 +15,20 @@ table. The first run on a dataset trains the attribute probe on the train split 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
+from jobs.cli import argv_or_sys, parse
 from jobs.ray_owner import run_owning_ray
 from model.checkpoint import CheckpointError
 from pipeline.evaluation.config import EvaluateConfig
-from pipeline.evaluation.probe import ProbeConfig
 from pipeline.evaluation.run import run_evaluation
 from pipeline.storage import StorageError
 
 
 def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
-    d = EvaluateConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=d.checkpoint, help="checkpoint directory, local or s3://")
-    p.add_argument("--data", default=d.data, help="dataset (image folder or Parquet), local or s3://")
-    p.add_argument("--num-seeds", type=int, default=d.num_seeds, help="N: seeds generated and measured")
-    p.add_argument("--out", default=d.out, help="output folder, local or s3://")
-    p.add_argument("--seed-start", type=int, default=d.seed_start, help="first seed of the range")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per model call")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
-    p.add_argument("--probe-cache", default=d.probe_cache, help="probe cache folder (default <data>/.probe)")
-    p.add_argument("--probe-epochs", type=int, default=d.probe.epochs, help="probe training epochs")
-    p.add_argument(
-        "--num-conditional", type=int, default=d.num_conditional, help="held-out pairs per conditional mode"
-    )
-    p.add_argument("--determinism-seeds", type=int, default=d.determinism_seeds, help="seeds re-generated")
-    args = vars(p.parse_args(argv))
-    probe = ProbeConfig(epochs=args.pop("probe_epochs"))
-    return EvaluateConfig(**args, probe=probe)
+    """Every EvaluateConfig field is a flag; the probe's settings are --probe.NAME."""
+    return parse(EvaluateConfig, argv_or_sys(argv), EvaluateConfig(), __doc__.split("\n")[0])
 
 
 def main(cfg: EvaluateConfig) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Mass generation job: seeds -> engravings + captions + Parquet manifests (pipeline/generate.py).
+"""Mass generation job: seeds -> engravings + captions + Parquet manifests (pipeline/generation/).
 
 On a Ray cluster (one actor per GPU by default; the output can be any S3-compatible store):
 
@@ -11,15 +11,18 @@ Locally (starts a local Ray):
     python -m jobs.generate --smoke-test        # 64 seeds, 5 DDIM steps, into outputs/smoke-test
 
 Re-running the same command after an interruption finishes the missing seeds. The output layout
-and the manifest columns are described in pipeline/manifest.py.
+and the manifest columns are described in pipeline/generation/manifest.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
+import tyro
+
+from jobs.cli import argv_or_sys, parse
 from jobs.ray_owner import run_owning_ray
 from pipeline.generation.config import GenerateConfig, GenerateError
 from pipeline.generation.run import run_generation
@@ -36,35 +39,21 @@ SMOKE_TEST = {
 }
 
 
+@dataclass
+class GenerateArgs:
+    """The job's flags: every GenerateConfig field, plus --smoke-test."""
+
+    generate: Annotated[GenerateConfig, tyro.conf.arg(name="")]
+    # A tiny fresh run that exercises every stage (64 seeds, 5 DDIM steps, 1 actor, into
+    # outputs/smoke-test); flags given with it still win.
+    smoke_test: bool = False
+
+
 def parse_args(argv: list[str] | None = None) -> GenerateConfig:
-    d = GenerateConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=d.checkpoint, help="checkpoint directory, local or s3://")
-    p.add_argument("--output", default=d.output, help="output root, local or s3://")
-    p.add_argument("--seed-start", type=int, default=d.seed_start, help="first seed of the range")
-    p.add_argument("--num-seeds", type=int, default=None, help="number of seeds in the range")
-    p.add_argument("--seeds-file", default=None, help="text file of seeds, one per line (instead of a range)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="seeds per model call")
-    p.add_argument("--min-actors", type=int, default=d.min_actors)
-    p.add_argument("--max-actors", type=int, default=None, help="default: one per GPU slot, 1 on CPU")
-    p.add_argument(
-        "--num-gpus", type=float, default=None, help="GPUs per actor (default 1 if the cluster has GPUs)"
-    )
-    p.add_argument(
-        "--num-cpus", type=float, default=d.num_cpus, help="CPUs per actor (also its torch threads)"
-    )
-    p.add_argument("--shard-size", type=int, default=d.shard_size, help="seeds per manifest part file")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the checkpoint's)")
-    p.add_argument("--io-threads", type=int, default=d.io_threads, help="PNG encode/write threads per actor")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing output and start fresh")
-    p.add_argument("--smoke-test", action="store_true", help="a tiny fresh run: " + str(SMOKE_TEST))
-    if "--smoke-test" in (sys.argv[1:] if argv is None else argv):
-        p.set_defaults(**SMOKE_TEST)  # explicit flags still win
-    args = vars(p.parse_args(argv))
-    del args["smoke_test"]
-    return GenerateConfig(**args)
+    argv = argv_or_sys(argv)
+    smoke = "--smoke-test" in argv
+    default = GenerateArgs(GenerateConfig(**SMOKE_TEST) if smoke else GenerateConfig(), smoke)
+    return parse(GenerateArgs, argv, default, __doc__.split("\n")[0]).generate
 
 
 def main(cfg: GenerateConfig) -> dict[str, Any]:

@@ -19,12 +19,14 @@ without WANDB_API_KEY) and `<storage-path>/<name>/metrics.jsonl`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated
 
-from model.config import PRESETS
+import tyro
+
+from jobs.cli import argv_or_sys, flag_value, parse
 from pipeline import storage
 from pipeline.training.config import TrainConfig, load_train_config
 from pipeline.training.driver import run_training
@@ -32,32 +34,16 @@ from pipeline.training.driver import run_training
 # Where --smoke-test renders a small dataset when --data does not exist.
 SMOKE_DATA = os.path.join(tempfile.gettempdir(), "inkseed-smoke-data")
 
-# CLI flag -> TrainConfig field, for the settings people change from run to run.
-_OVERRIDES: dict[str, type] = {
-    "data": str,
-    "preset": str,
-    "image_size": int,
-    "init_from": str,
-    "epochs": int,
-    "batch_size": int,
-    "lr": float,
-    "weight_decay": float,
-    "patience": int,
-    "prior_epochs": int,
-    "num_workers": int,
-    "cpus_per_worker": float,
-    "torch_threads": int,
-    "storage_path": str,
-    "name": str,
-    "seed": int,
-    "max_train_samples": int,
-    "max_val_samples": int,
-    "checkpoint_every": int,
-    "max_failures": int,
-    "precision": str,
-    "wandb_project": str,
-    "wandb_mode": str,
-}
+@dataclass
+class TrainArgs:
+    """The job's flags: every TrainConfig field, plus --config and --smoke-test."""
+
+    train: Annotated[TrainConfig, tyro.conf.arg(name="")]
+    # YAML file of TrainConfig fields, or a name in configs/ (`--config tiny`); flags override it.
+    config: str | None = None
+    # A one-minute run of the whole job: tiny preset at 32 px, 128 samples, 1 epoch (on a small
+    # rendered dataset unless --data is given); the run name gets -smoke.
+    smoke_test: bool = False
 
 
 def _config_path(value: str) -> str:
@@ -67,35 +53,14 @@ def _config_path(value: str) -> str:
     return os.path.join("configs", f"{value}.yaml")
 
 
-def _loss_weight(text: str) -> tuple[str, float]:
-    name, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--loss-weight expects NAME=VALUE, got {text!r}")
-    return name, float(value)
-
-
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML file of TrainConfig fields, or a name in configs/ (tiny, base)")
-    choices = {"preset": sorted(PRESETS), "precision": ["auto", "bf16", "fp32"],
-               "wandb_mode": ["auto", "online", "offline", "disabled"]}
-    for name, kind in _OVERRIDES.items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, choices=choices.get(name),
-                       help=f"TrainConfig.{name} (pipeline/train.py documents each field)")
-    p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None, help="one GPU per worker")
-    p.add_argument("--loss-weight", action="append", type=_loss_weight, default=[], metavar="NAME=VALUE",
-                   help="override one loss weight (repeatable), e.g. --loss-weight kl=0.002")
-    p.add_argument("--smoke-test", action="store_true", help="tiny preset, few samples, 1 epoch")
-    args = p.parse_args(argv)
-
-    cfg = load_train_config(_config_path(args.config)) if args.config else TrainConfig()
-    changes: dict[str, Any] = {k: getattr(args, k) for k in [*_OVERRIDES, "use_gpu"] if getattr(args, k) is not None}
-    if args.loss_weight:
-        changes["loss_weights"] = {**cfg.loss_weights, **dict(args.loss_weight)}
-    cfg = cfg.replace(**changes)
-    if args.smoke_test:  # on its own small rendered dataset unless --data is given
-        cfg = smoke_test_config(cfg if args.data else cfg.replace(data=SMOKE_DATA))
-    return cfg
+    argv = argv_or_sys(argv)
+    config = flag_value(argv, "--config")
+    base = load_train_config(_config_path(config)) if config else TrainConfig()
+    smoke = "--smoke-test" in argv
+    if smoke:  # on its own small rendered dataset unless --data is given
+        base = smoke_test_config(base if flag_value(argv, "--data") else base.replace(data=SMOKE_DATA))
+    return parse(TrainArgs, argv, TrainArgs(base, config, smoke), __doc__.split("\n")[0]).train
 
 
 def smoke_test_config(cfg: TrainConfig) -> TrainConfig:

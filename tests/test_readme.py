@@ -32,20 +32,27 @@ def section(title_start: str) -> str:
 
 
 def help_flags(job: str) -> set[str]:
-    """The long flags `python -m jobs.<job> --help` defines: the option column of argparse's output,
-    not flags mentioned in help texts."""
+    """The long flags `python -m jobs.<job> --help` defines (tyro's option column: the lines that
+    start with a flag, not flags mentioned in help texts)."""
     module = importlib.import_module(f"jobs.{job}")
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         module.parse_args(["--help"])
-    options = out.getvalue().split("options:", 1)[1]
-    invocations = re.findall(r"^  (-\S.*?)(?: {2,}|$)", options, flags=re.M)
-    return {flag for inv in invocations for flag in re.findall(r"--[a-z][a-z0-9-]*", inv)} - {"--help"}
+    invocations = re.findall(r"^[│ ] ?(--\S.*?)(?: {2,}|│|$)", out.getvalue(), flags=re.M)
+    flags = {flag for inv in invocations for flag in re.findall(r"--[a-z][a-z0-9.-]*", inv)} - {"--help"}
+    assert flags, f"no flags found in jobs.{job} --help"
+    return without_negations(flags)
+
+
+def without_negations(flags: set[str]) -> set[str]:
+    """A boolean's --no-NAME twin goes with --NAME."""
+    return {f for f in flags if not (f.startswith("--no-") and f"--{f[5:]}" in flags)}
 
 
 @pytest.mark.parametrize("job", JOBS)
 def test_every_flag_of_each_job_is_documented_and_no_other(job):
-    documented = set(re.findall(r"`(--[a-z][a-z0-9-]*)", section(f"`jobs.{job}`")))
+    documented = set(re.findall(r"`(--[a-z][a-z0-9.-]*)", section(f"`jobs.{job}`"))) - {"--help"}
+    documented = without_negations(documented)
     assert help_flags(job) == documented
 
 

@@ -33,6 +33,7 @@ class EvaluateConfig:
     out: str = "eval"
     # N: seeds seed_start .. seed_start + num_seeds - 1 are generated and measured.
     num_seeds: int = 1000
+    # The first seed of that range.
     seed_start: int = 0
     # Seeds per model call; 64 keeps CPU memory small (1,000 seeds at 128 px are only 16 MB).
     batch_size: int = 64

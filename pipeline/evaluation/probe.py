@@ -48,7 +48,9 @@ class ProbeConfig:
     # ... but a small dataset gets more epochs, up to this many optimizer steps in all: the
     # probe needs a couple of hundred steps whatever the dataset size.
     min_steps: int = 200
+    # Images per optimizer step (BatchNorm needs more than a handful).
     batch_size: int = 64
+    # Peak learning rate of the one-cycle schedule (AdamW).
     lr: float = 3e-3
     # Cap on training images: 8K are plenty for ~6 attributes and keep CPU training short.
     max_train: int = 8_000
@@ -57,7 +59,9 @@ class ProbeConfig:
     # hatching and misreads a slightly soft but otherwise right image (at 64 px, sigma 0.8 took
     # its all-attribute accuracy from 1.00 to 0.09); sharpness is the Fréchet distance's job.
     blur_share: float = 0.5
+    # The range of that sigma, in pixels at 64 px.
     blur_sigma: tuple[float, float] = (0.3, 1.2)
+    # Seeds the init, the data order and the blur draws: the same seed trains the same probe.
     seed: int = 0
 
 

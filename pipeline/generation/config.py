@@ -21,6 +21,7 @@ class GenerateConfig:
     output: str = "outputs/generate"
     # The seed range seed_start .. seed_start + num_seeds - 1 (int64, >= 0) ...
     seed_start: int = 0
+    # How many seeds the range holds (None: give --seeds-file instead).
     num_seeds: int | None = None
     # ... or a text file of seeds, one per line (local or s3://); exclusive with num_seeds.
     seeds_file: str | None = None
@@ -28,6 +29,7 @@ class GenerateConfig:
     batch_size: int = 64
     # Actor pool bounds; max_actors None = one actor per GPU-slot of the cluster, 1 on CPU clusters.
     min_actors: int = 1
+    # Upper bound of the actor pool (None = one per GPU slot, 1 on CPU clusters).
     max_actors: int | None = None
     # GPUs per actor; None = 1 when the cluster has GPUs, else 0 (CPU).
     num_gpus: float | None = None

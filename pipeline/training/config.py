@@ -31,17 +31,19 @@ class TrainConfig:
     """Everything the training job needs. YAML files in configs/ set these fields by name."""
 
     # -- data ---------------------------------------------------------------------------------
-    # Dataset URI (local or s3://): an image folder with metadata.jsonl or Parquet, see pipeline/data.py.
+
+    # Dataset URI (local or s3://): an image folder with metadata.jsonl or Parquet, see pipeline/data/ingest.py.
     data: str = "data/engravings"
     # Cap on training rows (None = all): smoke tests and throughput measurements.
     max_train_samples: int | None = None
-    # Cap on validation rows (None = all, ~10% of the data by pipeline.data.split_of).
+    # Cap on validation rows (None = all, ~10% of the data by pipeline.data.sources.split_of).
     max_val_samples: int | None = None
     # Decode the images once and keep them in the object store (20K x 128 px ~ 1.3 GB). Set it
     # off for datasets larger than the object store: they then stream from storage each epoch.
     cache_data: bool = True
 
     # -- model --------------------------------------------------------------------------------
+
     # Model size preset (model.config.PRESETS): tiny (tests), base (embedded default), large.
     preset: PresetName = "base"
     # Override of the preset's image size (power of two); channel stages are added/removed.
@@ -54,6 +56,7 @@ class TrainConfig:
     init_from: str | None = None
 
     # -- optimization (phase 1: autoencoder) --------------------------------------------------
+
     # Passes over the training set; early stopping may end sooner.
     epochs: int = 20
     # Per worker: the global batch is batch_size x num_workers.
@@ -74,6 +77,7 @@ class TrainConfig:
     precision: Precision = "auto"
 
     # -- optimization (phase 2: latent prior) -------------------------------------------------
+
     # Passes of the prior over the training set's posterior means (cheap: an MLP on z).
     prior_epochs: int = 100
     # Global prior batch (split over the workers): large batches suit a diffusion loss.
@@ -82,6 +86,7 @@ class TrainConfig:
     prior_lr: float = 1e-3
 
     # -- scale --------------------------------------------------------------------------------
+
     # Ray Train workers, one DDP rank each.
     num_workers: int = 1
     # One GPU per worker when True (NCCL backend); CPU + gloo otherwise.
@@ -95,6 +100,7 @@ class TrainConfig:
     check_resources: bool = True
 
     # -- run, checkpoints, failures -----------------------------------------------------------
+
     # Where Ray Train keeps runs (local folder or s3://); the run lives in <storage_path>/<name>.
     # A multi-node cluster needs storage every node reaches (s3://, or a shared mount).
     storage_path: str = "runs"
@@ -112,8 +118,10 @@ class TrainConfig:
     fail_after_epoch: int | None = None
 
     # -- metrics ------------------------------------------------------------------------------
+
     # W&B project; "auto" mode is online with WANDB_API_KEY set, offline otherwise.
     wandb_project: str = "inkseed"
+    # W&B mode: auto (online with WANDB_API_KEY, else offline), online, offline, disabled.
     wandb_mode: WandbMode = "auto"
     # Step-level metrics every N optimizer steps (epoch-level ones every epoch).
     log_every: int = 50

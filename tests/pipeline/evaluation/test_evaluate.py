@@ -300,7 +300,7 @@ def test_bad_config_is_refused(tmp_path: Path) -> None:
         EvaluateConfig(data=str(tmp_path / "nope")).validate()
     with pytest.raises(EvaluateError, match="num_seeds"):
         EvaluateConfig(data=str(tmp_path), num_seeds=0).validate()
-    cfg = parse_args(["--num-seeds", "10", "--probe-epochs", "5", "--probe-cache", "c", "--seed-start", "3"])
+    cfg = parse_args(["--num-seeds", "10", "--probe.epochs", "5", "--probe-cache", "c", "--seed-start", "3"])
     assert (cfg.num_seeds, cfg.probe.epochs, cfg.probe_cache, cfg.seed_start) == (10, 5, "c", 3)
 
 

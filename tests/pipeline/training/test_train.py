@@ -171,10 +171,13 @@ def test_clear_errors_before_training(ray_local, data, tmp_path):
 
 
 def test_config_file_and_cli_overrides(tmp_path):
-    cfg = parse_args(["--config", TINY, "--epochs", "7", "--num-workers", "2", "--loss-weight", "kl=0.01",
+    cfg = parse_args(["--config", TINY, "--epochs", "7", "--num-workers", "2", "--loss-weights", "kl", "0.01",
                       "--storage-path", "s3://b/runs", "--use-gpu"])
     assert (cfg.preset, cfg.epochs, cfg.num_workers, cfg.use_gpu) == ("tiny", 7, 2, True)
     assert cfg.loss_weights == {"kl": 0.01} and cfg.storage_path == "s3://b/runs"
+    assert cfg.batch_size == load_train_config(TINY).batch_size  # YAML over defaults, flags over YAML
+    with pytest.raises(SystemExit):  # tyro: a value outside the Literal is refused before any work
+        parse_args(["--preset", "huge"])
     smoke = smoke_test_config(cfg)
     assert (smoke.epochs, smoke.preset, smoke.name) == (1, "tiny", "inkseed-tiny-smoke")
     bad = tmp_path / "bad.yaml"
