@@ -60,7 +60,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     smoke = "--smoke-test" in argv
     if smoke:  # on its own small rendered dataset unless --data is given
         base = smoke_test_config(base if flag_value(argv, "--data") else base.replace(data=SMOKE_DATA))
-    return parse(TrainArgs, argv, TrainArgs(base, config, smoke), __doc__.split("\n")[0]).train
+    cfg = parse(TrainArgs, argv, TrainArgs(base, config, smoke), __doc__.split("\n")[0]).train
+    if smoke and not cfg.name.endswith("-smoke"):  # a --name given with --smoke-test: keep runs apart
+        cfg = cfg.replace(name=f"{cfg.name}-smoke")
+    return cfg
 
 
 def smoke_test_config(cfg: TrainConfig) -> TrainConfig:

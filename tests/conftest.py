@@ -15,6 +15,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def wandb_under_tmp(tmp_path_factory):
+    """W&B's folders (runs of s3:// storage, cache, config, staged media) under pytest's tmp dir,
+    not in the system temp dir or ~. Set before Ray starts, so its workers inherit them."""
+    root = tmp_path_factory.mktemp("wandb")
+    env = {name: str(root / name.lower()) for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield root
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on 127.0.0.1, with AWS_* variables pointing at it and a bucket

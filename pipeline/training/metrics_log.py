@@ -32,9 +32,10 @@ def wandb_run_id(storage_path: str, name: str) -> str:
 
 def wandb_dir(storage_path: str, name: str) -> str:
     """W&B's local folder: `<storage>/<name>/wandb` for local storage; for s3:// storage a
-    local temp folder (`<tmp>/inkseed/<name>/wandb`), since W&B writes local files only."""
+    local folder (`$WANDB_DIR/inkseed/<name>/wandb`, or under the temp dir without WANDB_DIR),
+    since W&B writes local files only."""
     if storage.is_s3(storage_path):
-        return os.path.join(tempfile.gettempdir(), "inkseed", name, "wandb")
+        return os.path.join(os.environ.get("WANDB_DIR") or tempfile.gettempdir(), "inkseed", name, "wandb")
     return storage.join(storage.filesystem(storage_path)[1], name, "wandb")
 
 

@@ -1,0 +1,78 @@
+"""model/networks.py: shapes, the posterior modes, and golden numbers of a tiny seeded model.
+
+The golden values (as diffusers keeps for its dummy components) were recorded from
+`torch.manual_seed(0); JointModel(get_preset("tiny"), 20)` on fixed inputs: a silent change in
+the math of any network (an init, a norm, an activation, a loss term) fails here, while a
+change that keeps the math does not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import get_preset
+from model.networks import JointModel, product_of_experts
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+GOLDEN_LOSSES = {
+    "loss": 4.187266, "image_l1": 0.565221, "image_grad": 0.695816,
+    "caption_ce": 2.835277, "kl": 8.930678, "contrastive": 0.82021,
+}  # fmt: skip
+GOLDEN_IMAGE = [-0.009739, -0.018198, 0.273177, 0.146298, 0.017519, 0.148106, -0.055955, 0.47546]
+GOLDEN_LOGITS = [-0.037583, 0.004728, 0.104293, -0.148367, -0.019301, -0.091454]
+GOLDEN_MU_IMAGE = [-0.035934, 0.070982, -0.159694, -0.086158]
+GOLDEN_MU_CAPTION = [0.56532, -0.290578, 0.661846, -0.702688]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = JointModel(get_preset("tiny"), 20).eval()
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(2, 64, 64, generator=g) * 2 - 1
+    tokens = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 8, 9, 2, 0, 0]])
+    z = torch.randn(2, model.config.z_dim, generator=g)
+    return model, images, tokens, z
+
+
+@torch.no_grad()
+def test_golden_loss_terms(tiny) -> None:
+    model, images, tokens, _ = tiny
+    out = model(images, tokens)
+    assert {k: round(float(out[k]), 6) for k in GOLDEN_LOSSES} == pytest.approx(GOLDEN_LOSSES, abs=TOL)
+
+
+@torch.no_grad()
+def test_golden_decoder_and_encoder_outputs(tiny) -> None:
+    model, images, tokens, z = tiny
+    img = model.image_decoder(z)
+    assert img.shape == (2, 64, 64)
+    assert img[0, ::16, ::16].flatten()[:8].tolist() == pytest.approx(GOLDEN_IMAGE, abs=TOL)
+    assert float(img.mean()) == pytest.approx(0.083318, abs=TOL)
+    logits = model.caption_decoder(z, tokens[:, :-1])
+    assert logits.shape == (2, 5, 20)
+    assert logits[1, 2, :6].tolist() == pytest.approx(GOLDEN_LOGITS, abs=TOL)
+    assert model.encode_image(images)[0][0, :4].tolist() == pytest.approx(GOLDEN_MU_IMAGE, abs=TOL)
+    assert model.encode_caption(tokens)[0][1, :4].tolist() == pytest.approx(GOLDEN_MU_CAPTION, abs=TOL)
+
+
+def test_product_of_experts_keeps_only_the_unmasked_expert() -> None:
+    mu_a, mu_b = torch.full((1, 3), 2.0), torch.full((1, 3), -2.0)
+    lv = torch.zeros(1, 3)
+    only_a, _ = product_of_experts([mu_a, mu_b], [lv, lv], [torch.ones(1), torch.zeros(1)])
+    both, _ = product_of_experts([mu_a, mu_b], [lv, lv], [torch.ones(1), torch.ones(1)])
+    assert abs(float(both.abs().max())) < abs(float(only_a.abs().max()))  # the prior expert pulls to 0
+    assert torch.all(only_a > 0) and torch.allclose(both, torch.zeros(1, 3), atol=1e-6)
+
+
+def test_caption_decoding_with_a_kv_cache_matches_the_full_forward(tiny) -> None:
+    model, _, tokens, z = tiny
+    with torch.no_grad():
+        full = model.caption_decoder(z, tokens[:, :-1])  # (B, T, V)
+        logits, cache = model.caption_decoder.start(z)
+        steps = [logits]
+        for pos in range(1, tokens.shape[1] - 1):
+            logits, cache = model.caption_decoder.step(tokens[:, pos], pos, cache)
+            steps.append(logits)
+    assert torch.allclose(torch.stack(steps, 1), full, atol=1e-4)
