@@ -1,4 +1,4 @@
-"""Benchmark of the mass generation job (pipeline/generate.py). Not a test: it prints numbers.
+"""Benchmark of the mass generation job (pipeline/generation/run.py). Not a test: it prints numbers.
 
 1. Throughput: seeds/s of the full Ray Data pipeline (run_generation: actors, PNG writes,
    manifests, validation) against a plain in-process loop over the same checkpoint and batch

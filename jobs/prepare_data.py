@@ -1,4 +1,4 @@
-"""Render the embedded procedural engraving dataset (see pipeline/engrave.py).
+"""Render the embedded procedural engraving dataset (see pipeline/data/engrave.py).
 
     python -m jobs.prepare_data --out data/engravings --count 20000 --size 128 --seed 0
 

@@ -3,7 +3,7 @@
 `PRESETS["tiny"]` is for tests (trains in seconds on CPU), `PRESETS["base"]` is the embedded
 default (128 px; the committed checkpoint trained on a 2-core CPU in under two hours),
 `PRESETS["large"]` is for H100 clusters.
-The preset name is the command-line key (`--model-preset base`).
+The preset name is the command-line key (`jobs.train --preset base`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class ModelConfig:
     text_encoder_layers: int = 2
     # Attention heads in both caption transformers (head dim = text_width / text_heads).
     text_heads: int = 4
-    # Token budget per caption incl. bos and eos: grammar captions are <= ~24 tokens.
+    # Token budget per caption incl. bos and eos: grammar captions are <= 28 tokens.
     max_caption_tokens: int = 32
     # z becomes this many prefix tokens every caption position attends to.
     prefix_tokens: int = 4

@@ -6,8 +6,7 @@
     image-only / caption-only features ─► contrastive heads ─► unit embeddings (alignment = cosine)
 
 Every op is per-sample (GroupNorm / LayerNorm, never BatchNorm), so a sample's output does not
-depend on the rest of its batch. Images are (B, S, S) floats in [-1, 1], paper ≈ +1, ink ≈ -1.
-"""
+depend on the rest of its batch. Images are (B, S, S) floats in [-1, 1], paper ≈ +1, ink ≈ -1."""
 
 from __future__ import annotations
 

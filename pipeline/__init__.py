@@ -1,0 +1,42 @@
+"""inkseed's Ray side, one folder per stage; the module map (docs/architecture.md has the APIs).
+
+Shared by every stage:
+    storage.py         local paths and s3:// behind one API (read, atomic write, list, checkpoints)
+    contact_sheet.py   the one contact-sheet renderer (PNG and HTML), and `python -m pipeline.contact_sheet OUT`
+
+data/          datasets in: the embedded procedural engravings, and any user's image folder or Parquet
+    grammar.py     the caption grammar: scenes, captions, the parser back
+    plate.py       the engraving plate: supersampled canvas, hatching textures, drawing primitives
+    scenes.py      subjects, settings, sky and birds drawn on a plate: `render(attrs, size, rng)`
+    engrave.py     the procedural dataset: `make_sample`, `render_dataset` (imagefolder + contact sheet)
+    sources.py     the input formats read on the driver: image folders, Parquet; captions cleaned
+    decode.py      image decoding inside Ray Data tasks (bad rows marked, never raised)
+    ingest.py      `read_dataset` / `load_dataset`: a Ray Dataset of model-ready rows, skip counts printed
+
+training/      Ray Train: DDP training of the joint model, then the latent prior
+    config.py      `TrainConfig` (every field a flag of jobs.train), YAML loading, the run's model config
+    driver.py      `run_training`: checks, tokenizer, datasets, TorchTrainer, export
+    worker.py      `train_loop_per_worker`: phase 1 epochs, validation, logging, reports
+    prior_phase.py phase 2: the latent prior fitted data parallel on posterior means
+    state.py       what a training checkpoint holds; write, report, restore (pickle-free)
+    distributed.py all-reduce / all-gather helpers that also work with one worker
+    metrics_log.py rank 0's metrics: W&B (offline without a key) and metrics.jsonl
+
+generation/    Ray Data: mass generation with exactly-once resume
+    config.py      `GenerateConfig` (every field a flag of jobs.generate)
+    sampler.py     seeds from row numbers, the `SampleBatch` actor, the actor pool
+    manifest.py    output layout, Parquet schema, run.json, shards, validation
+    run.py         `run_generation`: checks, run identity, the driver loop writing manifest parts
+
+evaluation/    quality, measured (jobs.evaluate)
+    config.py      `EvaluateConfig` (every field a flag of jobs.evaluate)
+    real.py        held-out real images of a split (uint8, captions, grammar attributes)
+    probe.py       the attribute probe of the grammar datasets (network, training)
+    freeform.py    the contrastive probe and the metrics of free-form-caption datasets
+    probe_cache.py both probes' cache by dataset fingerprint
+    metrics.py     pure metric functions (coherence, coverage, Fréchet, AUC, ...)
+    batched.py     the sampling API over many inputs in fixed-size batches
+    sections.py    report sections (coherence, fidelity, coverage, conditional, determinism, alignment)
+    targets.py     the quality targets and the printed table
+    run.py         `run_evaluation`: report.json and the contact sheet
+"""

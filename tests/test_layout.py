@@ -42,3 +42,19 @@ def test_tests_mirror_the_package() -> None:
     stages = sorted(p.name for p in (REPO / "pipeline").iterdir() if (p / "__init__.py").exists())
     assert stages, "pipeline/ has no stage packages"
     assert [s for s in stages if not (REPO / "tests" / "pipeline" / s).is_dir()] == []
+
+
+def test_the_module_map_names_every_module() -> None:
+    """pipeline/__init__.py's docstring and docs/architecture.md name every pipeline module, and
+    README.md's folder table has a row per stage folder."""
+    module_map = ast.get_docstring(ast.parse((REPO / "pipeline" / "__init__.py").read_text())) or ""
+    architecture = (REPO / "docs" / "architecture.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    for path in (REPO / "pipeline").rglob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        assert path.name in module_map, f"pipeline/__init__.py does not list {path.relative_to(REPO)}"
+        stage = path.parent.name if path.parent != REPO / "pipeline" else ""
+        assert f"{stage}/" in architecture or stage == "", f"docs/architecture.md has no {stage}/"
+    for stage in (p for p in (REPO / "pipeline").iterdir() if (p / "__init__.py").exists()):
+        assert f"| `pipeline/{stage.name}/` |" in readme, f"README.md's folder table lacks pipeline/{stage.name}/"

@@ -41,7 +41,7 @@ class EvaluateConfig:
     device: Device = "auto"
     # Probe cache folder; None = <data>/.probe (or beside a single-file dataset).
     probe_cache: str | None = None
-    # How the attribute probe is built and trained (pipeline/probe.py); its image_size is
+    # How the attribute probe is built and trained (pipeline/evaluation/probe.py); its image_size is
     # replaced by the checkpoint's, so the probe reads images at the size the model makes.
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     # Held-out pairs used by each conditional mode (caption / illustrate): 500 give +-2% at 90%.

@@ -2,7 +2,7 @@
 
 For N seeds of a checkpoint, against the held-out (val) split of a dataset:
 
-- probe: a CNN trained on real train images reads every attribute (pipeline/probe.py); its
+- probe: a CNN trained on real train images reads every attribute (pipeline/evaluation/probe.py); its
   held-out accuracy says how far its readings can be trusted;
 - coherence: share of samples whose probe-read image attributes equal the attributes parsed
   from their own caption, per attribute and all at once; ceiling = the same on real held-out pairs;

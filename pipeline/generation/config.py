@@ -17,7 +17,7 @@ class GenerateConfig:
 
     # Checkpoint directory (local or s3://) as written by save_checkpoint / jobs.train.
     checkpoint: str = "checkpoints/default"
-    # Output root, local or s3://bucket/prefix: run.json, images/, manifest/ (pipeline/manifest.py).
+    # Output root, local or s3://bucket/prefix: run.json, images/, manifest/ (pipeline/generation/manifest.py).
     output: str = "outputs/generate"
     # The seed range seed_start .. seed_start + num_seeds - 1 (int64, >= 0) ...
     seed_start: int = 0

@@ -104,16 +104,21 @@ def build_datasets(
     return datasets, counts, preview
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local storage and init_from paths made absolute: workers run in Ray's own working
+    directory, where a relative path would put the metrics and W&B files beside nothing."""
+    if not storage.is_s3(cfg.storage_path):
+        cfg = dataclasses.replace(cfg, storage_path=os.path.abspath(cfg.storage_path))
+    if cfg.init_from and not storage.is_s3(cfg.init_from):
+        cfg = dataclasses.replace(cfg, init_from=os.path.abspath(cfg.init_from))
+    return cfg
+
+
 def run_training(cfg: TrainConfig) -> str:
     """Train (or resume) the run `<storage_path>/<name>`; returns the exported checkpoint URI."""
     if not ray.is_initialized():
         ray.init()
-    if not storage.is_s3(cfg.storage_path):
-        # Workers run in Ray's own working directory: a relative path would put the metrics
-        # and W&B files there instead of beside the checkpoints.
-        cfg = dataclasses.replace(cfg, storage_path=os.path.abspath(cfg.storage_path))
-    if cfg.init_from and not storage.is_s3(cfg.init_from):
-        cfg = dataclasses.replace(cfg, init_from=os.path.abspath(cfg.init_from))
+    cfg = absolute_paths(cfg)
     check_inputs(cfg)
     export = storage.join(run_dir(cfg), "export")
     latest = latest_checkpoint(cfg)

@@ -1,4 +1,4 @@
-"""pipeline/contact_sheet.py on outputs laid out by pipeline/manifest.py, locally and on S3 (moto)."""
+"""pipeline/contact_sheet.py on outputs laid out by pipeline/generation/manifest.py, locally and on S3 (moto)."""
 
 from __future__ import annotations
 

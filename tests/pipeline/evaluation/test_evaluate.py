@@ -1,4 +1,4 @@
-"""pipeline/evaluate.py + jobs/evaluate.py: the metrics on constructed cases (real pairs score
+"""pipeline/evaluation/ + jobs/evaluate.py: the metrics on constructed cases (real pairs score
 at the ceiling, shuffled captions at chance, captions outside the grammar are invalid, AUC and
 Fréchet against closed forms), and the job end to end on a tiny untrained checkpoint, on the
 engraving data and on a dataset without attributes (local Ray reads the data)."""

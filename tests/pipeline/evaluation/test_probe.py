@@ -1,8 +1,8 @@
-"""pipeline/probe.py: the attribute probe learns to read real engravings (held-out accuracy),
+"""pipeline/evaluation/probe.py: the attribute probe learns to read real engravings (held-out accuracy),
 its cache round-trips and is keyed by dataset and settings, and bad input is refused.
 
-Training data come straight from the renderer (pipeline.engrave.make_sample) at 64 px, so most
-tests need no Ray; one test reads a rendered image folder through pipeline.data on local Ray."""
+Training data come straight from the renderer (pipeline.data.engrave.make_sample) at 64 px, so most
+tests need no Ray; one test reads a rendered image folder through pipeline/data/ingest.py on local Ray."""
 
 from __future__ import annotations
 

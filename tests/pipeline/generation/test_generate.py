@@ -1,4 +1,4 @@
-"""pipeline/generate.py + pipeline/manifest.py + jobs/generate.py on a real local Ray with a tiny
+"""pipeline/generation/run.py + pipeline/generation/manifest.py + jobs/generate.py on a real local Ray with a tiny
 (untrained, scrambled) checkpoint: the manifest read back with DuckDB, determinism across batch
 sizes and actor counts, exactly-once after a killed driver, refusal of a different rerun,
 bad input, and s3:// output on moto's server."""

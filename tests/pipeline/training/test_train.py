@@ -1,4 +1,4 @@
-"""Tests of pipeline/train.py and jobs/train.py: real Ray Train runs of the tiny model on CPU.
+"""Tests of pipeline/training/config.py and jobs/train.py: real Ray Train runs of the tiny model on CPU.
 
 One 2-worker DDP run (gloo) with a failure injected after epoch 1 serves several tests: the
 data is sharded, the losses fall, Ray Train's FailureConfig resumes from epoch 1's checkpoint,
