@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 
 def _default_loss_weights() -> dict[str, float]:
@@ -30,6 +30,19 @@ def _default_loss_weights() -> dict[str, float]:
         # posteriors together and gives the alignment score; kept below reconstruction.
         "contrastive": 0.1,
     }
+
+
+T = TypeVar("T")
+
+
+def from_fields(cls: type[T], d: dict[str, Any]) -> T:
+    """A config dataclass from a dict of its field names; an unknown name is an error that lists
+    the known ones (a typo in a YAML file or a checkpoint from other code)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**d)
 
 
 def stages_for(image_size: int) -> int:
@@ -138,11 +151,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s): {sorted(unknown)}")
-        return cls(**d)
+        return from_fields(cls, d)
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated)."""

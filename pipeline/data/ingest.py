@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -199,26 +199,9 @@ def _check_stats(decoded: ray.data.Dataset, uri: str, split: Split, max_bad_frac
     return stats
 
 
-def read_dataset(
-    uri: str,
-    *,
-    image_size: int,
-    split: Split = "all",
-    tokenizer: CaptionTokenizer | None = None,
-    max_caption_tokens: int = 32,
-    max_bad_fraction: float = 0.05,
-    caption_column: str | None = None,
-) -> ray.data.Dataset:
+def read_dataset(uri: str, **kwargs: Any) -> ray.data.Dataset:
     """A Ray Dataset of model-ready rows (see the module docstring) from an image folder or
-    Parquet, local or s3://. Raises DatasetError for a missing path, a missing caption column,
-    an empty dataset, or more bad rows than `max_bad_fraction`."""
-    ds, _ = load_dataset(
-        uri,
-        image_size=image_size,
-        split=split,
-        tokenizer=tokenizer,
-        max_caption_tokens=max_caption_tokens,
-        max_bad_fraction=max_bad_fraction,
-        caption_column=caption_column,
-    )
-    return ds
+    Parquet, local or s3://; the arguments are `load_dataset`'s. Raises DatasetError for a
+    missing path, a missing caption column, an empty dataset, or more bad rows than
+    `max_bad_fraction`."""
+    return load_dataset(uri, **kwargs)[0]

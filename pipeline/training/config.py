@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from model.config import ModelConfig, PresetName, get_preset
+from model.config import ModelConfig, PresetName, from_fields, get_preset
 from pipeline import storage
 from pipeline.training.metrics_log import WandbMode
 
@@ -154,11 +154,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
+        return from_fields(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
