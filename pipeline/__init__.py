@@ -9,6 +9,7 @@ data/          datasets in: the embedded procedural engravings, and any user's i
     plate.py       the engraving plate: supersampled canvas, hatching textures, drawing primitives
     scenes.py      subjects, settings, sky and birds drawn on a plate: `render(attrs, size, rng)`
     engrave.py     the procedural dataset: `make_sample`, `render_dataset` (imagefolder + contact sheet)
+    openmoji.py    the real line-art development set: OpenMoji's black SVGs rasterized, captions by one rule
     sources.py     the input formats read on the driver: image folders, Parquet; captions cleaned
     decode.py      image decoding inside Ray Data tasks (bad rows marked, never raised)
     ingest.py      `read_dataset` / `load_dataset`: a Ray Dataset of model-ready rows, skip counts printed

@@ -20,6 +20,7 @@ echo "== ruff check ."
 
 echo "== pytest"
 export RAY_USAGE_STATS_ENABLED=0
+INKSEED_OPENMOJI="$(bash scripts/fetch_openmoji.sh)"; export INKSEED_OPENMOJI  # OpenMoji source (npm) for its tests
 status=0
 "$PYTHON" -m pytest --durations=15 "$@" || status=$?
 if [ "$status" -eq 5 ]; then

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from model.sampling import Device
 from pipeline import storage
+from pipeline.evaluation.freeform import ContrastiveProbeConfig
 from pipeline.evaluation.probe import ProbeConfig
 
 Log = Callable[[str], None]
@@ -44,6 +45,12 @@ class EvaluateConfig:
     # How the attribute probe is built and trained (pipeline/evaluation/probe.py); its image_size is
     # replaced by the checkpoint's, so the probe reads images at the size the model makes.
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    # How the contrastive probe of the free-form metrics is built and trained
+    # (pipeline/evaluation/freeform.py); its image_size is replaced by the checkpoint's too.
+    contrastive: ContrastiveProbeConfig = field(default_factory=ContrastiveProbeConfig)
+    # K of the retrieval metrics: a pair is coherent when its own caption ranks first among K
+    # (its own plus K - 1 others); chance is 1/K.
+    retrieval_k: int = 32
     # Held-out pairs used by each conditional mode (caption / illustrate): 500 give +-2% at 90%.
     num_conditional: int = 500
     # Seeds re-generated alone and in a mixed batch for the determinism check.
@@ -60,6 +67,7 @@ class EvaluateConfig:
             "num_conditional must be >= 1": self.num_conditional >= 1,
             "determinism_seeds must be >= 1": self.determinism_seeds >= 1,
             "contact_seeds must be >= 1": self.contact_seeds >= 1,
+            "retrieval_k must be >= 2": self.retrieval_k >= 2,
             "device must be auto, cpu or cuda": self.device in ("auto", "cpu", "cuda"),
         }
         for message, ok in checks.items():

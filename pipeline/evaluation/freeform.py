@@ -1,19 +1,15 @@
 """The free-form caption evaluation core: an independent contrastive probe, plus the model-free
 sharpness and caption-health measures that go with it.
 
-When a dataset's captions are free text, the attribute probe (probe.py) has no grammar to read.
-The evaluation then trains this probe on the dataset's train split: a small CNN for images and a
-bag of words and word bigrams for captions, matched CLIP-style (symmetric InfoNCE with a learnable
-temperature). It never sees a generated sample and shares nothing with the generator: its
-vocabulary is built from the train captions, its weights are its own. Same seed, same weights (CPU).
+When a dataset's captions are free text, the attribute probe (probe.py) has no grammar to read, so
+the evaluation trains this probe on the train split: a small CNN for images, a bag of words and word
+bigrams for captions, matched CLIP-style (symmetric InfoNCE, learnable temperature). It never sees
+a generated sample and shares nothing with the generator (its vocabulary comes from the train
+captions). Same data and seed, same weights (CPU). The evaluation reads off it coherence
+(`retrieval_at_k` of generated pairs against the same on held-out real pairs; chance is 1/k) and
+fidelity (the Fréchet distance of `image_features`, taken before the projection).
 
-What the evaluation reads off it:
-- coherence: `retrieval_at_k` on generated pairs, against its ceiling, the same number on
-  held-out real pairs (report the ratio; chance is 1/k);
-- fidelity: the Fréchet distance of `image_features` (before the projection) of generated vs real;
-- `sharpness_ratio` and `caption_health`, which need no model.
-
-Pure: numpy in, numbers out; no Ray, no I/O (`to_files` / `from_files` give and take bytes, the
+Pure: numpy in, numbers out, no Ray, no I/O (`to_files` / `from_files` give and take bytes; the
 caller caches them). Images are uint8 (N, S, S), ink dark on light paper, as `model.sampling` gives.
 """
 
@@ -27,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -50,13 +46,11 @@ _WORD = re.compile(r"[^\W_]+")  # runs of letters/digits in any script: "piñata
 class ContrastiveProbeConfig:
     """How the probe is built and trained. Every field is part of the cache key."""
 
-    # Image side the probe reads (64 or 128); a 128 px image is brought to 64 px by a strided stem.
-    image_size: int = 64
-    # Conv widths: the stem (at 64 px), then one stride-2 stage each (64 -> 32 -> 16 -> 8 -> 4 px).
-    channels: tuple[int, ...] = (16, 32, 64, 96, 128)
-    # Pooled grid before the feature layer: 2x2 keeps left/right and top/bottom ("at the top
-    # left"), which a global pool would lose.
-    pool: int = 2
+    image_size: int = 64  # the side the probe reads: 64 or 128
+    # Conv widths of four stages, each halving the side (64 -> 32 -> 16 -> 8 -> 4 px; the first
+    # quarters a 128 px image). A full-resolution stem would cost 2.5x the time.
+    channels: tuple[int, ...] = (32, 64, 96, 128)
+    pool: int = 2  # pooled grid: 2x2 keeps left/right, top/bottom ("at the top left"), a global pool not
     # Width of the features before the projection: the Fréchet space. Kept well below the ~1,000
     # held-out images per set, so the covariance estimate is not rank-starved.
     feature_dim: int = 128
@@ -67,20 +61,18 @@ class ContrastiveProbeConfig:
     min_bigram_count: int = 2
     max_vocab: int = 30_000
     max_words: int = 48  # longer captions are cut (words, before bigrams are added)
-    word_dropout: float = 0.1  # share of caption tokens dropped per step, so no single word is a key
+    word_dropout: float = 0.1  # share of caption tokens replaced by UNK in training (drop_words)
     epochs: int = 10
-    # ... but a small dataset gets more epochs, up to this many optimizer steps in all.
-    min_steps: int = 300
+    min_steps: int = 300  # ... but a small dataset gets more epochs, up to this many steps in all
     batch_size: int = 128  # InfoNCE negatives come from the batch: larger is harder, slower
     lr: float = 2e-3
     weight_decay: float = 1e-4
     temperature: float = 0.07  # initial; learned (as a log logit scale, capped at 100 like CLIP)
     max_train: int = 8_000  # cap on training pairs, which keeps CPU training short
-    # Augmentation, so the probe does not key on exact pixels: a random shift of up to this many
-    # pixels (at 64 px; scaled with the size) on every image ...
+    # Augmentation, so the probe does not key on exact pixels: every image shifted by up to max_shift
+    # px, a blur_share of them Gaussian-blurred, sigma uniform in blur_sigma (px at 64 px, scaled with
+    # the size). Sharpness is sharpness_ratio's and the Fréchet distance's job, not coherence's.
     max_shift: int = 3
-    # ... and a Gaussian blur of sigma uniform in blur_sigma (px at 64 px) on this share of them:
-    # sharpness is sharpness_ratio's and the Fréchet distance's job, not coherence's.
     blur_share: float = 0.3
     blur_sigma: tuple[float, float] = (0.3, 1.2)
     seed: int = 0
@@ -113,22 +105,18 @@ def build_vocab(captions: Sequence[str], cfg: ContrastiveProbeConfig) -> dict[st
 def encode(captions: Sequence[str], vocab: dict[str, int], max_words: int) -> torch.Tensor:
     """Token ids (N, L), PAD_ID-padded. An unknown word is UNK_ID; an unknown bigram is dropped
     (its words still count); an empty caption is one UNK_ID."""
-    rows = []
-    for c in captions:
-        toks = _tokens(c, max_words)
-        ids = [vocab.get(t, UNK_ID) for t in toks if " " not in t or t in vocab]
-        rows.append(ids or [UNK_ID])
-    out = torch.full((len(rows), max((len(r) for r in rows), default=1)), PAD_ID, dtype=torch.long)
+    rows = [[vocab.get(t, UNK_ID) for t in _tokens(c, max_words) if " " not in t or t in vocab] or [UNK_ID]
+            for c in captions]  # fmt: skip
+    out = torch.full((len(rows), max(map(len, rows), default=1)), PAD_ID, dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r)
     return out
 
 
 def _bag_keys(ids: torch.Tensor) -> np.ndarray:
-    """One integer per row, equal exactly when two rows hold the same multiset of ids: the mean
-    pool cannot tell them apart, so the caption encoder gives them the same embedding."""
-    rows = torch.sort(ids, dim=1).values.numpy()  # (N, L)
-    return np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1)
+    """(N,) ints, equal exactly when two rows of ids (N, L) hold the same multiset of ids: the
+    mean pool cannot tell them apart, so they get the same caption embedding."""
+    return np.unique(torch.sort(ids, dim=1).values.numpy(), axis=0, return_inverse=True)[1].reshape(-1)
 
 
 # -- the network ----------------------------------------------------------------------------------
@@ -139,28 +127,19 @@ class ContrastiveProbe(nn.Module):
         super().__init__()
         self.config, self.vocab = cfg, dict(vocab)
         self.info: dict[str, float] = {}  # how it was trained (seconds, steps, size); saved along
-        s = max(1, cfg.image_size // 64)
-        c = cfg.channels[0]
-        # The stem's kernel covers every pixel even when strided, so a 1 px hatch line is seen.
-        layers: list[nn.Module] = [nn.Conv2d(1, c, 2 * s + 1, stride=s, padding=s), _norm(c), nn.SiLU()]
+        # The stem's kernel is wider than its stride (2, or 4 at 128 px): no 1 px line falls between.
+        st, c = 2 * max(1, cfg.image_size // 64), cfg.channels[0]
+        layers: list[nn.Module] = [nn.Conv2d(1, c, st + 1, stride=st, padding=st // 2), _norm(c), nn.SiLU()]
         for c_next in cfg.channels[1:]:
             layers += [nn.Conv2d(c, c_next, 3, stride=2, padding=1), _norm(c_next), nn.SiLU()]
             c = c_next
         self.trunk = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(cfg.pool), nn.Flatten())  # (B, C p^2)
         self.features = nn.Sequential(nn.Linear(c * cfg.pool**2, cfg.feature_dim), nn.SiLU())
         self.image_proj = nn.Linear(cfg.feature_dim, cfg.embed_dim)
-        self.word_embed = nn.Embedding(len(self.vocab), cfg.word_dim, padding_idx=PAD_ID)
-        self.caption_mlp = nn.Sequential(
-            nn.LayerNorm(cfg.word_dim),
-            nn.Linear(cfg.word_dim, 2 * cfg.word_dim),
-            nn.SiLU(),
-            nn.Linear(2 * cfg.word_dim, cfg.embed_dim),
-        )
+        w = cfg.word_dim
+        self.word_embed = nn.Embedding(len(self.vocab), w, padding_idx=PAD_ID)
+        self.caption_mlp = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, 2 * w), nn.SiLU(), nn.Linear(2 * w, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
-
-    @property
-    def device(self) -> torch.device:
-        return self.logit_scale.device
 
     # Tensor side, used in training: x is ink in [0, 1] (B, S, S), paper 0 (= the conv padding).
     def encode_images(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,32 +147,29 @@ class ContrastiveProbe(nn.Module):
         h = self.features(self.trunk(x[:, None]))
         return h, F.normalize(self.image_proj(h), dim=-1)
 
-    def encode_captions(self, ids: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """ids (B, L) -> normalised embeddings (B, E): the mean of the kept token vectors."""
-        mask = (ids != PAD_ID) if keep is None else keep  # (B, L)
+    def encode_captions(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, L) -> normalised embeddings (B, E) of the mean token vector."""
+        mask = ids != PAD_ID  # (B, L)
         e = self.word_embed(ids) * mask[..., None]  # (B, L, W)
         pooled = e.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, W)
         return F.normalize(self.caption_mlp(pooled), dim=-1)
 
-    # numpy side, used by the evaluation.
+    # numpy side, used by the evaluation: float32 (N, .) in batches of batch_size.
     @torch.inference_mode()
-    def _images(self, images: np.ndarray, batch_size: int, embed: bool) -> np.ndarray:
+    def _images(self, images: np.ndarray, batch_size: int, which: Literal[0, 1]) -> np.ndarray:
         _check_images(images, self.config.image_size)
         self.eval()
-        out = [np.zeros((0, self.config.embed_dim if embed else self.config.feature_dim), np.float32)]
-        for i in range(0, len(images), batch_size):
-            x = _ink(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(self.device))
-            h, z = self.encode_images(x)
-            out.append((z if embed else h).float().cpu().numpy())
-        return np.concatenate(out)
+        dev, batches = self.logit_scale.device, range(0, len(images), batch_size)
+        x = (_ink(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(dev)) for i in batches)
+        return np.concatenate([self.encode_images(b)[which].float().cpu().numpy() for b in x])
 
     def image_features(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """uint8 (N, S, S) -> features before the projection (N, F) float32: the Fréchet space."""
-        return self._images(images, batch_size, embed=False)
+        return self._images(images, batch_size, 0)
 
     def image_embed(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """uint8 (N, S, S) -> L2-normalised embeddings (N, E) float32."""
-        return self._images(images, batch_size, embed=True)
+        return self._images(images, batch_size, 1)
 
     @torch.inference_mode()
     def caption_embed(self, captions: Sequence[str], batch_size: int = 1024) -> np.ndarray:
@@ -201,25 +177,15 @@ class ContrastiveProbe(nn.Module):
         self.eval()
         out = [np.zeros((0, self.config.embed_dim), np.float32)]
         for i in range(0, len(captions), batch_size):
-            ids = encode(captions[i : i + batch_size], self.vocab, self.config.max_words).to(self.device)
-            out.append(self.encode_captions(ids).float().cpu().numpy())
+            ids = encode(captions[i : i + batch_size], self.vocab, self.config.max_words)
+            out.append(self.encode_captions(ids.to(self.logit_scale.device)).float().cpu().numpy())
         return np.concatenate(out)
-
-    def caption_keys(self, captions: Sequence[str]) -> np.ndarray:
-        """(N,) ints, equal exactly for captions the probe cannot tell apart (same bag of tokens)."""
-        return _bag_keys(encode(captions, self.vocab, self.config.max_words))
 
     # Files: safetensors weights + JSON description; nothing is ever unpickled.
     def to_files(self) -> dict[str, bytes]:
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        weights = save_tensors(state)
-        doc = {
-            "format_version": FORMAT_VERSION,
-            "config": asdict(self.config),
-            "vocab": self.vocab,
-            "info": self.info,
-            "weights_sha256": hashlib.sha256(weights).hexdigest(),
-        }
+        weights = save_tensors({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()})
+        doc = {"format_version": FORMAT_VERSION, "config": asdict(self.config), "vocab": self.vocab,
+               "info": self.info, "weights_sha256": hashlib.sha256(weights).hexdigest()}  # fmt: skip
         return {"probe.safetensors": weights, "probe.json": json.dumps(doc, indent=1).encode()}
 
     @classmethod
@@ -237,7 +203,7 @@ class ContrastiveProbe(nn.Module):
 
 
 def _norm(c: int) -> nn.GroupNorm:
-    # GroupNorm, not BatchNorm: features of a sample do not depend on its batch (eval = train).
+    # GroupNorm, not BatchNorm: a sample's features do not depend on its batch (eval = train).
     return nn.GroupNorm(min(8, c // 4), c)
 
 
@@ -246,8 +212,8 @@ def _ink(u8: torch.Tensor) -> torch.Tensor:
 
 
 def _check_images(images: np.ndarray, size: int) -> None:
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (size, size):
-        raise ValueError(f"probe expects uint8 images (N, {size}, {size}), got {images.dtype} {images.shape}")
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (size, size) or not len(images):
+        raise ValueError(f"probe expects uint8 images (N>0, {size}, {size}), got {images.dtype} {images.shape}")
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -255,8 +221,7 @@ def augment(x: torch.Tensor, cfg: ContrastiveProbeConfig, gen: torch.Generator) 
     """Shift every image of x (B, S, S) ink by up to cfg.max_shift px (paper comes in), then blur
     a cfg.blur_share of them, each by its own sigma."""
     b, size, scale = x.shape[0], x.shape[-1], cfg.image_size / 64
-    r = round(cfg.max_shift * scale)
-    if r:
+    if r := round(cfg.max_shift * scale):
         padded = F.pad(x, (r, r, r, r))  # (B, S+2r, S+2r), zero = paper
         dx, dy = torch.randint(0, 2 * r + 1, (2, b), generator=gen).tolist()
         x = torch.stack([padded[i, y : y + size, u : u + size] for i, (u, y) in enumerate(zip(dx, dy))])
@@ -272,6 +237,13 @@ def augment(x: torch.Tensor, cfg: ContrastiveProbeConfig, gen: torch.Generator) 
     return torch.where(keep[:, None, None], x, h)
 
 
+def drop_words(ids: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """ids (B, L) with a share p of the tokens replaced by UNK_ID: no single word becomes the key,
+    and UNK, which the train captions never contain, learns to mean "no information"."""
+    drop = (torch.rand(ids.shape, generator=gen) < p) & (ids != PAD_ID)
+    return torch.where(drop, torch.full_like(ids, UNK_ID), ids)
+
+
 def info_nce(img: torch.Tensor, cap: torch.Tensor, scale: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE of normalised img, cap (B, E). same (B, B) marks pairs whose captions are
     identical bags: all of them are positives (shared evenly), not false negatives."""
@@ -280,27 +252,16 @@ def info_nce(img: torch.Tensor, cap: torch.Tensor, scale: torch.Tensor, same: to
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def _keep_tokens(ids: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
-    """Word dropout mask (B, L): drop a share p of the tokens, but never all tokens of a caption."""
-    valid = ids != PAD_ID
-    keep = valid & (torch.rand(ids.shape, generator=gen) >= p)
-    return torch.where(keep.any(1, keepdim=True), keep, valid)
-
-
-def _optimizer(probe: ContrastiveProbe, cfg: ContrastiveProbeConfig) -> torch.optim.Optimizer:
+def _optimizer(probe: ContrastiveProbe, cfg: ContrastiveProbeConfig, total_steps: int) -> tuple:
     # No weight decay on the norms, biases and the logit scale: decay would pull the temperature to 1.
-    decay = [p for p in probe.parameters() if p.ndim >= 2]
-    rest = [p for p in probe.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    groups = [{"params": [p for p in probe.parameters() if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in probe.parameters() if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=total_steps)
 
 
 def train_contrastive_probe(
-    images: np.ndarray,
-    captions: Sequence[str],
-    cfg: ContrastiveProbeConfig,
-    log: Log = print,
-    device: str = "cpu",
+    images: np.ndarray, captions: Sequence[str], cfg: ContrastiveProbeConfig, log: Log = print, device: str = "cpu"
 ) -> ContrastiveProbe:
     """Train on (image, caption) pairs of a train split (at most cfg.max_train of them).
 
@@ -317,25 +278,22 @@ def train_contrastive_probe(
     caps = [captions[i] for i in idx.tolist()]
     vocab = build_vocab(caps, cfg)
     ids_all = encode(caps, vocab, cfg.max_words)  # (N, L)
-    bag = torch.from_numpy(_bag_keys(ids_all))  # (N,): same bag, same caption for the loss
-    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
+    bag = torch.from_numpy(_bag_keys(ids_all))  # (N,): same bag of tokens, same caption for the loss
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        probe = ContrastiveProbe(cfg, vocab)
-    probe.to(device).train()
+        probe = ContrastiveProbe(cfg, vocab).to(device).train()
     batch = min(cfg.batch_size, len(caps))
-    steps_per_epoch = len(caps) // batch  # drop the ragged last batch: every step as many negatives
-    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
-    opt = _optimizer(probe, cfg)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=epochs * steps_per_epoch)
-    start, loss_sum = time.perf_counter(), 0.0
+    per_epoch = len(caps) // batch  # drop the ragged last batch: every step as many negatives
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
+    opt, sched = _optimizer(probe, cfg, epochs * per_epoch)
+    start = time.perf_counter()
     for epoch in range(epochs):
-        order, loss_sum = torch.randperm(len(caps), generator=gen), 0.0
-        for step in range(steps_per_epoch):
+        order, total = torch.randperm(len(caps), generator=gen), 0.0
+        for step in range(per_epoch):
             b = order[step * batch : (step + 1) * batch]
             x = augment(_ink(x_all[b]), cfg, gen).to(device)
-            keep = _keep_tokens(ids_all[b], cfg.word_dropout, gen).to(device)
-            _, img = probe.encode_images(x)
-            cap = probe.encode_captions(ids_all[b].to(device), keep)
+            ids = drop_words(ids_all[b], cfg.word_dropout, gen).to(device)
+            img, cap = probe.encode_images(x)[1], probe.encode_captions(ids)
             loss = info_nce(img, cap, probe.logit_scale.exp(), (bag[b, None] == bag[None, b]).to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -343,43 +301,34 @@ def train_contrastive_probe(
             sched.step()
             with torch.no_grad():
                 probe.logit_scale.clamp_(max=math.log(100.0))
-            loss_sum += float(loss.detach())
+            total += float(loss.detach())
         if (epoch + 1) % max(1, epochs // 5) == 0 or epoch + 1 == epochs:
-            log(f"contrastive probe epoch {epoch + 1}/{epochs}: loss {loss_sum / steps_per_epoch:.4f}")
-    seconds = time.perf_counter() - start
-    probe.info = {
-        "train_seconds": seconds,
-        "train_size": len(caps),
-        "epochs": epochs,
-        "steps": epochs * steps_per_epoch,
-        "final_loss": loss_sum / steps_per_epoch,
-        "vocab_size": len(vocab),
-        "logit_scale": float(probe.logit_scale.exp()),
-    }
-    log(f"contrastive probe: {len(caps)} pairs, {epochs * steps_per_epoch} steps in {seconds:.1f}s")
+            log(f"contrastive probe epoch {epoch + 1}/{epochs}: loss {total / per_epoch:.4f}")
+    seconds, steps = time.perf_counter() - start, epochs * per_epoch
+    probe.info = {"train_seconds": seconds, "train_size": len(caps), "epochs": epochs, "steps": steps,
+                  "final_loss": total / per_epoch, "vocab_size": len(vocab),
+                  "logit_scale": float(probe.logit_scale.detach().exp())}  # fmt: skip
+    log(f"contrastive probe: {len(caps)} pairs, vocab {len(vocab)}, {steps} steps in {seconds:.1f}s")
     return probe.eval()
 
 
 # -- coherence ------------------------------------------------------------------------------------
 def retrieval_at_k(
-    probe: ContrastiveProbe,
-    images: np.ndarray,
-    captions: Sequence[str],
-    k: int = 32,
-    seed: int = 0,
+    probe: ContrastiveProbe, images: np.ndarray, captions: Sequence[str], k: int = 32, seed: int = 0,
     direction: Direction = "image_to_caption",
-) -> float:
+) -> float:  # fmt: skip
     """Share of pairs i whose own partner the probe ranks first among k candidates: its own plus
-    k-1 others drawn (seeded, without replacement) from the other pairs of the same set. Chance
-    is 1/k. "image_to_caption": for image i, caption i among k captions; "caption_to_image": for
-    caption i, image i among k images. Ties count as misses, and so does a candidate the probe
-    cannot tell from the right one (identical image bytes or the same bag of caption tokens)."""
+    k-1 others drawn (seeded, without replacement) from the other pairs of the set; chance is 1/k.
+    "image_to_caption": image i picks among captions; "caption_to_image": caption i among images.
+    Ties are misses, as is a rival the probe cannot tell apart (same image bytes / bag of tokens)."""
     n = len(images)
+    if direction not in get_args(Direction):
+        raise ValueError(f"direction must be one of {get_args(Direction)}, got {direction!r}")
     if n != len(captions) or not 2 <= k <= n:
         raise ValueError(f"retrieval@{k} needs >= {k} pairs of equal count, got {n} and {len(captions)}")
     img, cap = probe.image_embed(images), probe.caption_embed(captions)  # (N, E) each
     if direction == "image_to_caption":
-        query, cand, keys = img, cap, probe.caption_keys(captions)
+        query, cand, keys = img, cap, _bag_keys(encode(captions, probe.vocab, probe.config.max_words))
     else:
         query, cand = cap, img
         keys = np.unique([hashlib.sha256(im.tobytes()).digest() for im in images], return_inverse=True)[1]
@@ -388,7 +337,8 @@ def retrieval_at_k(
     others += others >= np.arange(n)[:, None]  # skip i itself
     own = np.einsum("ne,ne->n", query, cand)  # (N,)
     rival = np.einsum("ne,nke->nk", query, cand[others])  # (N, k-1)
-    clash = (keys.reshape(-1)[others] == keys.reshape(-1)[:, None]).any(1)
+    keys = keys.reshape(-1)
+    clash = (keys[others] == keys[:, None]).any(1)  # (N,)
     return float(np.mean((own > rival.max(1)) & ~clash))
 
 
@@ -416,11 +366,9 @@ def repeats(text: str) -> bool:
 
 
 def caption_health(captions: Sequence[str], train_captions: Sequence[str]) -> dict[str, float]:
-    """Degeneration measures of generated captions against the train captions:
-    repeated_ngram_share (see `repeats`), distinct_share (distinct / N), novel_share (not verbatim
-    a train caption), all three up to case and spacing (model.tokenizer.canonical_caption);
-    vocab_known_share (share of generated words, with repeats, that occur in the train captions;
-    0 when there are none), mean_words."""
+    """repeated_ngram_share (`repeats`), distinct_share (distinct / N), novel_share (not verbatim a
+    train caption; both up to case and spacing: canonical_caption), vocab_known_share (generated
+    words, with repeats, that occur in the train captions; 0 if none), mean_words."""
     if not captions:
         raise ValueError("caption_health needs at least one caption")
     seen = {canonical_caption(c) for c in train_captions}
@@ -434,15 +382,3 @@ def caption_health(captions: Sequence[str], train_captions: Sequence[str]) -> di
         "vocab_known_share": float(np.mean([w in known for w in generated])) if generated else 0.0,
         "mean_words": len(generated) / len(captions),
     }
-
-
-__all__ = [
-    "ContrastiveProbe",
-    "ContrastiveProbeConfig",
-    "caption_health",
-    "mean_gradient",
-    "retrieval_at_k",
-    "sharpness_ratio",
-    "train_contrastive_probe",
-    "words",
-]

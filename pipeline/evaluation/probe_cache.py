@@ -1,4 +1,5 @@
-"""The probes' cache: trained once per dataset and settings, kept as safetensors + JSON.
+"""The probes' cache (attribute and contrastive): trained once per dataset and settings, kept as
+safetensors + JSON.
 
 Default folder `<data>/.probe/` (pyarrow and the imagefolder reader skip dot-folders). The key
 covers the dataset URI, a fingerprint of the dataset's files, the probe's settings (image size
@@ -11,12 +12,15 @@ import hashlib
 import json
 import os
 from dataclasses import asdict
+from typing import Any
 
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from pipeline import storage
 from pipeline.data.grammar import ATTRIBUTES
+from pipeline.evaluation.freeform import FORMAT_VERSION as CONTRASTIVE_FORMAT
+from pipeline.evaluation.freeform import ContrastiveProbe, ContrastiveProbeConfig, train_contrastive_probe
 from pipeline.evaluation.probe import (
     FORMAT_VERSION,
     AttributeProbe,
@@ -142,11 +146,12 @@ def get_probe(
     *,
     cache_dir: str | None = None,
     val: RealSet | None = None,
+    train: RealSet | None = None,
     log: Log = print,
 ) -> Probe:
     """The dataset's probe: from the cache, or trained on the train split (then cached).
 
-    `val` (the held-out split at cfg.image_size) may be passed when the caller has it already.
+    `val` and `train` (the splits at cfg.image_size) may be passed when the caller has them already.
     """
     cache_dir = cache_dir or default_cache_dir(data_uri)
     key = probe_key(data_uri, cfg)
@@ -156,10 +161,49 @@ def get_probe(
         return probe
     log(f"probe: none cached for this dataset at {cfg.image_size}px; training one on the train split")
     val = val if val is not None else load_real(data_uri, cfg.image_size, "val")
-    train = load_real(data_uri, cfg.image_size, "train")
+    train = train if train is not None else load_real(data_uri, cfg.image_size, "train")
     probe = train_probe(train, val, cfg, key=key, log=log)
     try:
         probe.source = save_probe(probe, cache_dir)
     except (storage.StorageError, OSError) as e:  # a read-only dataset still gets evaluated
         log(f"probe: could not cache it in {cache_dir} ({e}); pass --probe-cache to keep it")
     return probe
+
+
+def contrastive_key(uri: str, cfg: ContrastiveProbeConfig) -> str:
+    """Cache key of the contrastive probe: dataset URI, fingerprint and every probe setting."""
+    canonical = uri if storage.is_s3(uri) else storage.filesystem(uri)[1]
+    blob = json.dumps(
+        {"format": CONTRASTIVE_FORMAT, "uri": canonical.rstrip("/"), "fingerprint": dataset_fingerprint(uri),
+         "config": asdict(cfg)},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def get_contrastive_probe(
+    data_uri: str, cfg: ContrastiveProbeConfig, *, cache_dir: str | None = None, train: RealSet | None = None,
+    log: Log = print,
+) -> tuple[ContrastiveProbe, dict[str, Any]]:  # fmt: skip
+    """The dataset's contrastive probe and what is known of it: from the cache, or trained on
+    the train split (its images and captions; `train` when the caller has it) and then cached."""
+    cache_dir = cache_dir or default_cache_dir(data_uri)
+    key = contrastive_key(data_uri, cfg)
+    stem = storage.join(cache_dir, f"contrastive-{cfg.image_size}px-{key}")
+    names = {"probe.safetensors": f"{stem}.safetensors", "probe.json": f"{stem}.json"}
+    if all(storage.exists(uri) for uri in names.values()):
+        try:
+            probe = ContrastiveProbe.from_files({name: storage.read_bytes(uri) for name, uri in names.items()})
+            log(f"contrastive probe: cached {stem}.safetensors")
+            return probe, {**probe.info, "key": key, "cached": True, "path": names["probe.safetensors"]}
+        except (ValueError, KeyError, RuntimeError) as e:  # damaged: train again
+            log(f"contrastive probe: cached copy unreadable ({e}); training again")
+    log(f"contrastive probe: none cached for this dataset at {cfg.image_size}px; training one on the train split")
+    train = train if train is not None else load_real(data_uri, cfg.image_size, "train")
+    probe = train_contrastive_probe(train.images, train.captions, cfg, log=log)
+    try:
+        for name, data in probe.to_files().items():
+            storage.write_bytes(names[name], data)
+    except (storage.StorageError, OSError) as e:  # a read-only dataset still gets evaluated
+        log(f"contrastive probe: could not cache it in {cache_dir} ({e}); pass --probe-cache to keep it")
+    return probe, {**probe.info, "key": key, "cached": False, "path": names["probe.safetensors"]}

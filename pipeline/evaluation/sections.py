@@ -1,5 +1,6 @@
-"""The report sections of `jobs.evaluate` for the grammar datasets and for every dataset
-(alignment, determinism): each takes the model or its outputs and returns one JSON-able dict."""
+"""The report sections of `jobs.evaluate`: the grammar family (coherence, coverage, conditional
+accuracy), the free-form family (retrieval, realism, caption health) and what every dataset gets
+(alignment, determinism). Each takes the model or its outputs and returns JSON-able dicts."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ import numpy as np
 from model.checkpoint import Inkseed
 from pipeline.data.grammar import parse_caption
 from pipeline.evaluation.batched import Generated, alignment_batched, caption_batched, illustrate_batched
+from pipeline.evaluation.config import EvaluateConfig
+from pipeline.evaluation.freeform import (
+    ContrastiveProbe,
+    caption_health,
+    mean_gradient,
+    retrieval_at_k,
+    sharpness_ratio,
+)
 from pipeline.evaluation.metrics import (
     auc,
     chance_coherence,
@@ -200,3 +209,38 @@ def _accuracy_or_miss(
     acc = coherence(truth, pred, names)
     acc["mean"] = float(np.mean([acc[k] for k in names]))
     return acc
+
+
+def freeform_sections(
+    ink: Inkseed, probe: ContrastiveProbe, gen: Generated, val: RealSet, train_captions: Sequence[str],
+    cfg: EvaluateConfig,
+) -> dict[str, Any]:  # fmt: skip
+    """The free-form family, for any dataset: retrieval coherence against its real ceiling,
+    Fréchet distance in the contrastive probe's features, sharpness, caption health, and the
+    conditional modes scored by retrieval. Every retrieval is among K = cfg.retrieval_k."""
+    k, seed = cfg.retrieval_k, cfg.seed_start
+    n = min(len(val), len(gen.seeds))
+    if n < k:
+        reason = f"retrieval among K={k} needs >= {k} generated and held-out pairs, got {len(gen.seeds)} and {len(val)}"
+        return {"retrieval": {"skipped": reason}}
+    coherence = retrieval_at_k(probe, gen.images, gen.captions, k, seed)
+    ceiling = retrieval_at_k(probe, val.images[:n], val.captions[:n], k, seed)
+    out: dict[str, Any] = {
+        "retrieval": {"coherence": coherence, "ceiling": ceiling, "ratio": coherence / ceiling if ceiling else None,
+                      "chance": 1 / k, "k": k, "n": len(gen.seeds), "ceiling_n": n},  # fmt: skip
+        "fidelity": fidelity_section(probe.image_features(gen.images), probe.image_features(val.images), seed),
+        "realism": {"sharpness_ratio": sharpness_ratio(gen.images, val.images),
+                    "generated_gradient": mean_gradient(gen.images), "real_gradient": mean_gradient(val.images)},  # fmt: skip
+        "captions": caption_health(gen.captions, train_captions),
+    }
+    m = min(cfg.num_conditional, len(val))
+    if m >= k:
+        rows, seeds = val.subset(range(m)), list(range(seed, seed + m))
+        made = caption_batched(ink, rows.images, cfg.batch_size)
+        drawn = illustrate_batched(ink, rows.captions, seeds, cfg.batch_size)
+        out["conditional"] = {
+            "caption": {"retrieval": retrieval_at_k(probe, rows.images, made, k, seed), "n": m,
+                        "examples": [{"truth": t, "caption": c} for t, c in zip(rows.captions[:3], made[:3])]},
+            "illustrate": {"retrieval": retrieval_at_k(probe, drawn, rows.captions, k, seed), "n": m},
+        }  # fmt: skip
+    return out
