@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -80,6 +82,22 @@ def ray_local(s3_server):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def openmoji_source() -> Path:
+    """The openmoji npm package folder: the configured one ($INKSEED_OPENMOJI, the fetch cache), else
+    fetched now with scripts/fetch_openmoji.sh (the npm registry is reachable; no skip)."""
+    from pipeline.data import openmoji
+
+    try:
+        return openmoji.find_source()
+    except openmoji.OpenMojiError:
+        done = subprocess.run(
+            ["bash", str(Path(__file__).resolve().parents[1] / "scripts" / "fetch_openmoji.sh")],
+            check=True, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        return openmoji.find_source(done.stdout.strip())
 
 
 @pytest.fixture(scope="module")

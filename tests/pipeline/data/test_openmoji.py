@@ -26,19 +26,8 @@ FIELDS = {"file_name", "text", "hexcode", "annotation", "group", "subgroup", "ta
 
 
 @pytest.fixture(scope="module")
-def source() -> Path:
-    """The package folder: the configured one, else fetched now (the npm registry is reachable)."""
-    try:
-        return openmoji.find_source()
-    except openmoji.OpenMojiError:
-        done = subprocess.run(
-            ["bash", str(REPO / "scripts" / "fetch_openmoji.sh")],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        return openmoji.find_source(done.stdout.strip())
+def source(openmoji_source: Path) -> Path:
+    return openmoji_source
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from pipeline import storage
 from pipeline.data.engrave import render_dataset
 from pipeline.data.grammar import ATTRIBUTES, make_caption, parse_caption, sample_attributes
 from pipeline.evaluation.config import EvaluateConfig, EvaluateError
+from pipeline.evaluation.freeform import ContrastiveProbeConfig
 from pipeline.evaluation.metrics import (
     auc,
     chance_coherence,
@@ -205,11 +206,12 @@ def checkpoint(engravings: Path) -> str:
 # Small and quick: 48 seeds, a probe of ~60 steps, few conditional pairs and determinism seeds.
 FAST_ARGS = ["--num-seeds", "48", "--batch-size", "16", "--num-conditional", "24", "--determinism-seeds", "4"]
 FAST_PROBE = ProbeConfig(epochs=1, batch_size=32, min_steps=60)
+FAST_CONTRASTIVE = ContrastiveProbeConfig(epochs=2, batch_size=64, min_steps=80, channels=(16, 32, 48, 64))
 
 
-def run_job(checkpoint: str, data: Path | str, out: Path | str) -> dict:
-    cfg = parse_args(["--checkpoint", checkpoint, "--data", str(data), "--out", str(out), *FAST_ARGS])
-    cfg.probe = FAST_PROBE
+def run_job(checkpoint: str, data: Path | str, out: Path | str, *extra: str) -> dict:
+    cfg = parse_args(["--checkpoint", checkpoint, "--data", str(data), "--out", str(out), *FAST_ARGS, *extra])
+    cfg.probe, cfg.contrastive = FAST_PROBE, FAST_CONTRASTIVE
     return main(cfg)
 
 
@@ -244,6 +246,14 @@ def test_job_end_to_end(ray_local, checkpoint: str, engravings: Path, tmp_path: 
     for side, n in (("generated", 48), ("real", min(held_out, 48))):
         a = report["alignment"][side]
         assert a["n"] == n and 0 <= a["auc"] <= 1 and set(a["true_pairs"]) >= {"mean", "q05", "q50", "q95"}
+
+    # Both families on the procedural data: the free-form one beside the grammar one.
+    ret = report["retrieval"]
+    assert set(ret) >= {"coherence", "ceiling", "ratio", "chance"} and ret["chance"] == 1 / 32
+    assert 0 <= ret["coherence"] <= 1 and ret["ceiling"] > ret["chance"]
+    assert set(fid["contrastive"]) >= {"frechet", "floor", "ratio"} and report["realism"]["sharpness_ratio"] > 0
+    assert set(report["captions"]) >= {"repeated_ngram_share", "distinct_share", "novel_share", "vocab_known_share"}
+    assert report["contrastive_probe"]["cached"] is False and report["contrastive_probe"]["train_size"] > 300
 
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.size[0] > 8 * 192 and sheet.size[1] > 4 * 192  # 32 tiles, 8 per row
