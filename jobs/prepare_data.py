@@ -1,4 +1,4 @@
-"""Render the embedded procedural engraving dataset (see pipeline/data/engrave.py).
+"""Render a dataset: the embedded procedural engravings (pipeline/data/engrave.py) or OpenMoji line art.
 
     python -m jobs.prepare_data --out data/engravings --count 20000 --size 128 --seed 0
 
@@ -10,48 +10,56 @@ arguments give the same bytes. --out may be an s3:// URI. On a cluster:
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
+from jobs.cli import argv_or_sys, parse
 from pipeline import storage
 from pipeline.data import engrave, openmoji
 
 
 @dataclass
 class PrepareConfig:
-    out: str = "data/engravings"  # local folder or s3:// URI
-    # images; 20K is enough for the base model to learn every attribute (openmoji: the first N, None = all)
-    count: int | None = 20000
-    size: int = 128  # px, 64..512; training resizes as needed
-    seed: int = 0  # dataset identity: sample i depends only on (seed, i)
-    workers: int = field(default_factory=engrave.default_workers)  # rendering processes
-    source: str = "procedural"  # "procedural" engravings or "openmoji" line art
-    openmoji_dir: str | None = None  # package folder; None: $INKSEED_OPENMOJI, then the fetch cache
+    """Everything `jobs.prepare_data` needs (each field's comment is its --help)."""
+
+    # Output folder or s3:// URI.
+    out: str = "data/engravings"
+    # Images to render; 20K is enough for the base model to learn every attribute. For openmoji
+    # the first N drawings; None = 20,000 engravings, or every drawing.
+    count: int | None = None
+    # Image side in px, 64..512; training resizes as needed.
+    size: int = 128
+    # Dataset identity of the procedural source: sample i depends only on (seed, i).
+    seed: int = 0
+    # Rendering processes (default: one per CPU of the machine).
+    workers: int = field(default_factory=engrave.default_workers)
+    # The dataset: the procedural engravings, or OpenMoji's real line art.
+    source: Literal["procedural", "openmoji"] = "procedural"
+    # The openmoji package folder; None: $INKSEED_OPENMOJI, then the fetch cache.
+    openmoji_dir: str | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> PrepareConfig:
-    d = PrepareConfig()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=d.out, help="output folder or s3:// URI")
-    ap.add_argument("--count", type=int, default=None, help=f"number of images ({d.count}; openmoji: all)")
-    ap.add_argument("--size", type=int, default=d.size, help="image size in px (64..512)")
-    ap.add_argument("--seed", type=int, default=d.seed, help="dataset seed")
-    ap.add_argument("--workers", type=int, default=d.workers, help="rendering processes")
-    ap.add_argument("--source", choices=("procedural", "openmoji"), default=d.source, help="dataset")
-    ap.add_argument("--openmoji-dir", default=d.openmoji_dir, help="openmoji package folder")
-    args = ap.parse_args(argv)
-    if args.count is None and args.source == "procedural":
-        args.count = d.count  # openmoji keeps None: every drawing
+    cfg = parse(PrepareConfig, argv_or_sys(argv), PrepareConfig(), __doc__.split("\n")[0])
+    if cfg.count is None and cfg.source == "procedural":
+        cfg.count = 20_000
     try:
-        engrave.check_size(args.size)
-        if args.source == "openmoji":
-            openmoji.find_source(args.openmoji_dir)  # missing: fail here, with the fetch command
+        engrave.check_size(cfg.size)
+        if cfg.source == "openmoji":
+            openmoji.find_source(cfg.openmoji_dir)  # missing: fail here, with the fetch command
     except ValueError as e:
-        ap.error(str(e))
-    if (args.count is not None and args.count < 1) or args.workers < 1:
-        ap.error("--count and --workers must be at least 1")
-    return PrepareConfig(**vars(args))
+        _refuse(str(e))
+    if (cfg.count is not None and cfg.count < 1) or cfg.workers < 1:
+        _refuse("--count and --workers must be at least 1")
+    return cfg
+
+
+def _refuse(message: str) -> None:
+    """A bad argument: say why on stderr and exit 2, as a command-line parser does."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(cfg: PrepareConfig) -> None:
