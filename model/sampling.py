@@ -4,7 +4,8 @@ A seed is the identity of a sample: its noise comes from its own
 `torch.Generator(device="cpu").manual_seed(seed)` (then moved to the device), every network op is
 per-sample, and decoding is greedy (or beam), so a seed gives the same caption and the same image
 (within 1/255) alone or inside any batch. Optional temperature / top-k drawing continues the
-same per-seed generator, so it is reproducible too.
+same per-seed generator, so it is reproducible too. Greedy, drawn and beam decoding all block
+degenerate loops: no word right after itself and no repeated 3-gram (`repeat_mask`).
 """
 
 from __future__ import annotations
@@ -101,12 +102,41 @@ def from_uint8(images: np.ndarray | torch.Tensor, size: int, device: torch.devic
     return x
 
 
+# Captions never repeat a word immediately ("mime mime") nor any n-gram of this many words: the
+# degenerate loops of a decoder unsure of its caption (transformers' no_repeat_ngram_size).
+NO_REPEAT_NGRAM = 3
+
+
+def repeat_mask(seqs: torch.Tensor, pos: int, vocab: int, n: int) -> torch.Tensor:
+    """(N, V) bool: the tokens that would, at position `pos` of seqs (N, L), repeat the previous
+    token or complete an n-gram already in seqs[:, :pos]. n <= 1 bans nothing."""
+    banned = torch.zeros(seqs.shape[0], vocab, dtype=torch.bool, device=seqs.device)
+    if n <= 1 or pos < 2:  # position 1 follows bos only
+        return banned
+    rows = torch.arange(seqs.shape[0], device=seqs.device)
+    banned[rows, seqs[:, pos - 1]] = True  # 1. an immediate repeat
+    if pos >= n:  # 2. the last n-1 tokens again followed by what followed them before
+        windows = seqs[:, :pos].unfold(1, n, 1)  # (N, W, n)
+        match = (windows[:, :, :-1] == seqs[:, None, pos - n + 1 : pos]).all(-1)  # (N, W)
+        r, w = match.nonzero(as_tuple=True)
+        banned[r, windows[r, w, -1]] = True
+    banned[:, EOS_ID] = False  # ending is always allowed
+    return banned
+
+
 def _choose(
-    logits: torch.Tensor, temperature: float, top_k: int, generators: list[torch.Generator] | None
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    generators: list[torch.Generator] | None,
+    banned: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next token per row: argmax, or a draw from the row's own generator."""
+    """Next token per row: argmax, or a draw from the row's own generator; `banned` (B, V) tokens
+    are never picked."""
     logits = logits.float()
     logits[:, [PAD_ID, BOS_ID, UNK_ID]] = float("-inf")  # never emitted by the decoder
+    if banned is not None:
+        logits = logits.masked_fill(banned, float("-inf"))
     if temperature <= 0 or generators is None:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -126,10 +156,15 @@ def decode_tokens(
     top_k: int = 0,
     generators: list[torch.Generator] | None = None,
     beams: int = 1,
+    no_repeat_ngram: int = NO_REPEAT_NGRAM,
 ) -> torch.Tensor:
-    """Autoregressive decoding with a KV cache: z (B, D) -> tokens (B, T) = bos w... eos pad."""
+    """Autoregressive decoding with a KV cache: z (B, D) -> tokens (B, T) = bos w... eos pad.
+
+    Greedy (deterministic), a seeded draw (temperature > 0, per-row generators) or beam search
+    (beams > 1). All three block repeats: no word right after itself and no repeated n-gram of
+    `no_repeat_ngram` words (0 turns it off; see `repeat_mask`)."""
     if beams > 1 and temperature <= 0:
-        return _beam_search(model, z, beams)
+        return _beam_search(model, z, beams, no_repeat_ngram)
     dec = model.caption_decoder
     b, max_len = z.shape[0], dec.max_len
     tokens = torch.full((b, max_len), PAD_ID, dtype=torch.long, device=z.device)
@@ -137,7 +172,8 @@ def decode_tokens(
     done = torch.zeros(b, dtype=torch.bool, device=z.device)
     logits, cache = dec.start(z)  # 1. prefill prefix + bos
     for pos in range(1, max_len):
-        nxt = _choose(logits, temperature, top_k, generators)  # 2. pick the next word
+        banned = repeat_mask(tokens, pos, logits.shape[-1], no_repeat_ngram)
+        nxt = _choose(logits, temperature, top_k, generators, banned)  # 2. pick the next word
         if pos == max_len - 1:
             nxt = torch.full_like(nxt, EOS_ID)  # out of room: close the caption
         tokens[:, pos] = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
@@ -148,7 +184,7 @@ def decode_tokens(
     return tokens
 
 
-def _beam_search(model: JointModel, z: torch.Tensor, beams: int) -> torch.Tensor:
+def _beam_search(model: JointModel, z: torch.Tensor, beams: int, no_repeat_ngram: int) -> torch.Tensor:
     """Beam search (sum of log-probs, finished beams kept); each row searched independently."""
     dec = model.caption_decoder
     b, max_len, k = z.shape[0], dec.max_len, beams
@@ -167,7 +203,9 @@ def _beam_search(model: JointModel, z: torch.Tensor, beams: int) -> torch.Tensor
         if bool(done.all()):
             break
         logits, cache = dec.step(last, pos - 1, cache)
-        logp = logits.float().log_softmax(-1).view(b, k, v)
+        logp = logits.float().log_softmax(-1)
+        logp = logp.masked_fill(repeat_mask(seqs.view(b * k, max_len), pos, v, no_repeat_ngram), float("-inf"))
+        logp = logp.view(b, k, v)
         logp[..., [PAD_ID, BOS_ID, UNK_ID]] = float("-inf")
         if pos == max_len - 1:
             logp = torch.where(
@@ -241,6 +279,7 @@ def generate(
 
     device: where to run (default: where the model is; the model is moved there).
     steps: DDIM steps (default config.ddim_steps). temperature 0 = greedy (beams > 1: beam search).
+    Every decoding blocks repeats: no word right after itself, no repeated 3-gram (decode_tokens).
     autocast: bf16 autocast for the decoders/encoders (default on for CUDA, off on CPU).
     """
     seeds = [int(s) for s in seeds]
