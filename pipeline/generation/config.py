@@ -49,6 +49,9 @@ class GenerateConfig:
     overwrite: bool = False
     # Threads per actor that encode PNGs and write them: S3 PUT latency is what they hide.
     io_threads: int = 8
+    # torch intra-op threads per CPU actor; None = the node's CPUs divided by max_actors (at least
+    # 1). Ray would set them from the fractional num_cpus (0.5 -> 1 thread), idling half a node.
+    torch_threads: int | None = None
 
     def validate(self) -> None:
         """Raise GenerateError naming the first bad setting."""
@@ -65,6 +68,7 @@ class GenerateConfig:
             "num_cpus must be > 0": self.num_cpus > 0,
             "steps must be >= 1": self.steps is None or self.steps >= 1,
             "io_threads must be >= 1": self.io_threads >= 1,
+            "torch_threads must be >= 1": self.torch_threads is None or self.torch_threads >= 1,
             "device must be auto, cpu or cuda": self.device in ("auto", "cpu", "cuda"),
         }
         for message, ok in checks.items():

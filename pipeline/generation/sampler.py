@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -61,11 +62,15 @@ class SampleBatch:
         bf16: bool | None,
         steps: int | None,
         io_threads: int,
+        torch_threads: int | None,
+        pool_size: int | None,
     ) -> None:
         try:
             resolved = resolve_device(device)
         except RuntimeError as e:
             raise GenerateError(str(e)) from e
+        if resolved.type == "cpu":  # this node's CPUs shared by the pool, not Ray's 1 per 0.5 CPU
+            torch.set_num_threads(torch_threads or max(1, len(os.sched_getaffinity(0)) // (pool_size or 1)))
         self.ink = load_checkpoint_files(checkpoint_files, resolved)
         if self.ink.digest != digest:
             raise GenerateError(f"checkpoint digest changed in transit: {self.ink.digest} != {digest}")
@@ -130,6 +135,8 @@ def build_dataset(
             "bf16": cfg.bf16,
             "steps": cfg.steps,
             "io_threads": cfg.io_threads,
+            "torch_threads": cfg.torch_threads,
+            "pool_size": cfg.max_actors,
         },
         # Two calls in flight per actor with real threads: the model lock in SampleBatch keeps one
         # sampling at a time, while the other call's PNG writes overlap it.

@@ -20,6 +20,7 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from model.checkpoint import save_checkpoint
@@ -400,3 +401,23 @@ def test_s3_output(ckpt, ray_local, s3_server):
     fs.delete_file(f"{root}/manifest/part-00001.parquet")
     again = run_generation(cfg)
     assert (again["generated"], again["manifest_rows"]) == (25, 60)
+
+
+def test_a_cpu_actor_uses_the_cores_its_pool_may_use(ckpt, tmp_path):
+    """torch threads come from the node's CPUs shared by the pool (not Ray's fractional num_cpus:
+    0.5 -> 1 thread), or from --torch-threads."""
+    from model.checkpoint import read_checkpoint_files
+    from pipeline.generation.sampler import SampleBatch
+
+    path, digest = ckpt
+    files = read_checkpoint_files(lambda name: (Path(path) / name).read_bytes(), path)
+    before = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+        for threads, pool, expected in ((None, 1, cores), (None, 2 * cores, 1), (3, 1, 3)):
+            actor = SampleBatch(files, digest, str(tmp_path), device="cpu", bf16=None, steps=2, io_threads=1,
+                                torch_threads=threads, pool_size=pool)  # fmt: skip
+            assert torch.get_num_threads() == expected
+            del actor
+    finally:
+        torch.set_num_threads(before)
