@@ -75,6 +75,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             run_epoch(ddp, model, optimizer, scheduler, shards, parts, config, epoch, log)
             if cfg.fail_after_epoch == epoch and resumed is None:
                 raise RuntimeError(f"injected failure after epoch {epoch} (TrainConfig.fail_after_epoch)")
+            if state.stopped_early:  # patience ran out: on to the prior, from the best weights
+                break
 
         # 4. Phase 2: the latent prior, from the best autoencoder weights reported so far.
         load_best_weights(model, state)

@@ -188,3 +188,14 @@ def test_config_file_and_cli_overrides(tmp_path):
         from pipeline.training.config import model_config
 
         model_config(cfg.replace(loss_weights={"klx": 1.0}))
+
+
+def test_early_stopping_ends_phase_one(ray_local, data, tmp_path):
+    """With a learning rate too small to move the weights the val loss never improves after epoch
+    1, so patience 1 must end phase 1 after epoch 2 (of 5) and go on to the prior."""
+    cfg = tiny(data, str(tmp_path), "early", epochs=5, patience=1, lr=1e-12, warmup_steps=1, log_samples=0,
+               prior_epochs=2)  # fmt: skip
+    export = run_training(cfg)
+    epochs = metrics_rows(cfg, "epoch")
+    assert [r["epoch"] for r in epochs] == [1, 2] and epochs[-1]["val/bad_epochs"] == 1
+    assert load_checkpoint(export).extra["phase"] == "done"
