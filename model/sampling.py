@@ -107,16 +107,28 @@ def from_uint8(images: np.ndarray | torch.Tensor, size: int, device: torch.devic
 NO_REPEAT_NGRAM = 3
 
 
-def repeat_mask(seqs: torch.Tensor, pos: int, vocab: int, n: int) -> torch.Tensor:
+def repeat_mask(
+    seqs: torch.Tensor, pos: int, vocab: int, n: int, punctuation: torch.Tensor | None = None
+) -> torch.Tensor:
     """(N, V) bool: the tokens that would, at position `pos` of seqs (N, L), repeat the previous
-    token or complete an n-gram already in seqs[:, :pos]. n <= 1 bans nothing."""
+    word or complete an n-gram already in seqs[:, :pos]. `punctuation` (V,) bool marks the ids
+    that are not words: the previous word is looked for through them ("woman : woman" repeats).
+    n <= 1 bans nothing."""
     banned = torch.zeros(seqs.shape[0], vocab, dtype=torch.bool, device=seqs.device)
     if n <= 1 or pos < 2:  # position 1 follows bos only
         return banned
     rows = torch.arange(seqs.shape[0], device=seqs.device)
-    banned[rows, seqs[:, pos - 1]] = True  # 1. an immediate repeat
-    if pos >= n:  # 2. the last n-1 tokens again followed by what followed them before
-        windows = seqs[:, :pos].unfold(1, n, 1)  # (N, W, n)
+    prefix = seqs[:, :pos]  # (N, pos)
+    # 1. An immediate repeat of the last token, or of the last word through punctuation.
+    banned[rows, prefix[:, -1]] = True
+    if punctuation is not None:
+        is_word = ~punctuation.to(seqs.device)[prefix]  # (N, pos)
+        last = pos - 1 - is_word.flip(1).int().argmax(1)  # (N,) index of the last word
+        found = is_word.any(1)
+        banned[rows[found], prefix[rows[found], last[found]]] = True
+    # 2. The last n-1 tokens again followed by what followed them before.
+    if pos >= n:
+        windows = prefix.unfold(1, n, 1)  # (N, W, n)
         match = (windows[:, :, :-1] == seqs[:, None, pos - n + 1 : pos]).all(-1)  # (N, W)
         r, w = match.nonzero(as_tuple=True)
         banned[r, windows[r, w, -1]] = True
@@ -157,14 +169,16 @@ def decode_tokens(
     generators: list[torch.Generator] | None = None,
     beams: int = 1,
     no_repeat_ngram: int = NO_REPEAT_NGRAM,
+    punctuation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Autoregressive decoding with a KV cache: z (B, D) -> tokens (B, T) = bos w... eos pad.
 
     Greedy (deterministic), a seeded draw (temperature > 0, per-row generators) or beam search
     (beams > 1). All three block repeats: no word right after itself and no repeated n-gram of
-    `no_repeat_ngram` words (0 turns it off; see `repeat_mask`)."""
+    `no_repeat_ngram` words (0 turns it off; see `repeat_mask`; `punctuation`: the tokenizer's
+    `punctuation_mask()`, so that a word repeated across a comma counts too)."""
     if beams > 1 and temperature <= 0:
-        return _beam_search(model, z, beams, no_repeat_ngram)
+        return _beam_search(model, z, beams, no_repeat_ngram, punctuation)
     dec = model.caption_decoder
     b, max_len = z.shape[0], dec.max_len
     tokens = torch.full((b, max_len), PAD_ID, dtype=torch.long, device=z.device)
@@ -172,7 +186,7 @@ def decode_tokens(
     done = torch.zeros(b, dtype=torch.bool, device=z.device)
     logits, cache = dec.start(z)  # 1. prefill prefix + bos
     for pos in range(1, max_len):
-        banned = repeat_mask(tokens, pos, logits.shape[-1], no_repeat_ngram)
+        banned = repeat_mask(tokens, pos, logits.shape[-1], no_repeat_ngram, punctuation)
         nxt = _choose(logits, temperature, top_k, generators, banned)  # 2. pick the next word
         if pos == max_len - 1:
             nxt = torch.full_like(nxt, EOS_ID)  # out of room: close the caption
@@ -184,7 +198,9 @@ def decode_tokens(
     return tokens
 
 
-def _beam_search(model: JointModel, z: torch.Tensor, beams: int, no_repeat_ngram: int) -> torch.Tensor:
+def _beam_search(
+    model: JointModel, z: torch.Tensor, beams: int, no_repeat_ngram: int, punctuation: torch.Tensor | None
+) -> torch.Tensor:
     """Beam search (sum of log-probs, finished beams kept); each row searched independently."""
     dec = model.caption_decoder
     b, max_len, k = z.shape[0], dec.max_len, beams
@@ -204,7 +220,7 @@ def _beam_search(model: JointModel, z: torch.Tensor, beams: int, no_repeat_ngram
             break
         logits, cache = dec.step(last, pos - 1, cache)
         logp = logits.float().log_softmax(-1)
-        logp = logp.masked_fill(repeat_mask(seqs.view(b * k, max_len), pos, v, no_repeat_ngram), float("-inf"))
+        logp = logp.masked_fill(repeat_mask(seqs.view(b * k, max_len), pos, v, no_repeat_ngram, punctuation), float("-inf"))
         logp = logp.view(b, k, v)
         logp[..., [PAD_ID, BOS_ID, UNK_ID]] = float("-inf")
         if pos == max_len - 1:
@@ -255,7 +271,10 @@ def _render(
 ) -> Samples:
     """Decode z into images + captions and score their alignment."""
     images = to_uint8(model.image_decoder(z))
-    tokens = decode_tokens(model, z, temperature=temperature, top_k=top_k, generators=generators, beams=beams)
+    tokens = decode_tokens(
+        model, z, temperature=temperature, top_k=top_k, generators=generators, beams=beams,
+        punctuation=tokenizer.punctuation_mask(),
+    )  # fmt: skip
     captions = tokenizer.decode(tokens)
     x = from_uint8(images, model.config.image_size, model.device)
     align = _alignment(model, x, _encode_tokens(tokenizer, captions, model))
@@ -306,7 +325,7 @@ def caption(
         x = from_uint8(images, model.config.image_size, model.device)
         mu, logvar, _ = model.encode_image(x)
         z, _ = product_of_experts([mu], [logvar])
-        return tokenizer.decode(decode_tokens(model, z, beams=beams))
+        return tokenizer.decode(decode_tokens(model, z, beams=beams, punctuation=tokenizer.punctuation_mask()))
 
 
 def illustrate(

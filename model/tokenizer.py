@@ -64,6 +64,14 @@ class CaptionTokenizer:
     def vocab(self) -> dict[str, int]:
         return self._tok.get_vocab(with_added_tokens=True)
 
+    def punctuation_mask(self) -> torch.Tensor:
+        """(V,) bool: the ids that are not words (punctuation, and the specials). Decoding looks
+        through them for an immediate word repeat ("woman: woman" is one)."""
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        for token, i in self.vocab.items():
+            mask[i] = token in SPECIALS or not any(ch.isalnum() for ch in token)
+        return mask
+
     def tokenize(self, text: str) -> list[int]:
         """Word ids of one caption, without bos/eos/padding."""
         return list(self._tok.encode(text, add_special_tokens=False).ids)

@@ -117,6 +117,12 @@ def test_repeat_mask_bans_immediate_repeats_and_repeated_trigrams() -> None:
     banned = repeat_mask(seqs, 6, 10, 3)[0]  # next after "... 5 6": 7 would repeat "5 6 7"
     assert banned.nonzero().flatten().tolist() == [6, 7]  # 6 (immediate) and 7 (the trigram)
     assert not banned[EOS_ID] and not repeat_mask(seqs, 6, 10, 0).any()
+    # "woman : woman": with 9 marked as punctuation, the word before it is banned too.
+    punctuation = torch.zeros(10, dtype=torch.bool)
+    punctuation[9] = True
+    seqs = torch.tensor([[BOS_ID, 4, 5, 9, 0]])
+    assert repeat_mask(seqs, 4, 10, 3, punctuation)[0].nonzero().flatten().tolist() == [5, 9]
+    assert repeat_mask(seqs, 4, 10, 3)[0].nonzero().flatten().tolist() == [9]
 
 
 def test_greedy_decoding_never_loops_even_when_the_model_wants_to() -> None:
