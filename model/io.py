@@ -8,24 +8,22 @@ atomic by themselves (pipeline/storage.py).
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
+import uuid
 from pathlib import Path
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | Callable[[str], None]) -> None:
-    """Write `data` (bytes, or a function that writes the file at the path it is given) to
-    `path` atomically; parent folders are created."""
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically; parent folders are created. The file gets the usual
+    permissions (0666 less the umask), as a plain open() would give it: not mkstemp's 0600, so
+    analysts and other jobs can read what a run wrote."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            if isinstance(data, (bytes, bytearray, memoryview)):
-                f.write(data)
-        if callable(data):
-            data(tmp)
+            f.write(data)
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

@@ -36,7 +36,7 @@ class ContactSheetError(ValueError):
 
 def first_rows(out: str, count: int) -> list[dict]:
     """Manifest rows (seed, caption, image_path, alignment) of the `count` smallest seeds."""
-    # Only finished parts: an interrupted local write can leave a part-*.parquet.tmp-* file behind.
+    # Only finished parts: an interrupted local write can leave a dot-prefixed temp file behind.
     parts = storage.list_files(storage.join(out, "manifest"), ".parquet")
     if not parts:
         raise ContactSheetError(f"{out}: no manifest/*.parquet (is this a jobs.generate output?)")
