@@ -231,8 +231,10 @@ def freeform_sections(
         "fidelity": fidelity_section(probe.image_features(gen.images), probe.image_features(val.images), seed),
         "realism": {"sharpness_ratio": sharpness_ratio(gen.images, val.images),
                     "generated_gradient": mean_gradient(gen.images), "real_gradient": mean_gradient(val.images)},  # fmt: skip
-        "captions": caption_health(gen.captions, train_captions),
-    }
+        # Real captions may repeat a bigram too ("on the hill, on the left"): their share is the reference.
+        "captions": {**caption_health(gen.captions, train_captions),
+                     "real_repeated_ngram_share": caption_health(val.captions, train_captions)["repeated_ngram_share"]},
+    }  # fmt: skip
     m = min(cfg.num_conditional, len(val))
     if m >= k:
         rows, seeds = val.subset(range(m)), list(range(seed, seed + m))

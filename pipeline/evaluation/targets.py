@@ -68,7 +68,7 @@ def format_table(report: dict[str, Any]) -> str:
         ("Frechet, contrastive feats (floor)", ("fidelity", "contrastive", "frechet"), ("fidelity", "contrastive", "floor")),
         ("Frechet ratio, contrastive feats", ("fidelity", "contrastive", "ratio"), None),
         ("sharpness ratio to real", ("realism", "sharpness_ratio"), None),
-        ("captions with repeated n-grams", ("captions", "repeated_ngram_share"), None),
+        ("captions with repeated n-grams (real)", ("captions", "repeated_ngram_share"), ("captions", "real_repeated_ngram_share")),
         ("caption words known from train", ("captions", "vocab_known_share"), None),
         ("i2t retrieval@K", ("conditional", "caption", "retrieval"), None),
         ("t2i retrieval@K", ("conditional", "illustrate", "retrieval"), None),
