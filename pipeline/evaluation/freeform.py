@@ -62,6 +62,8 @@ class ContrastiveProbeConfig:
     max_vocab: int = 30_000
     max_words: int = 48  # longer captions are cut (words, before bigrams are added)
     word_dropout: float = 0.1  # share of caption tokens replaced by UNK in training (drop_words)
+    # OpenMoji (1,858 train pairs, 64 px, one CPU thread, ~0.2 s a step): 308 steps give held-out
+    # retrieval@32 0.25 (chance 0.03) in ~60 s; 210 steps 0.21 in ~40 s, 504 steps 0.29 in ~110 s.
     epochs: int = 10
     min_steps: int = 300  # ... but a small dataset gets more epochs, up to this many steps in all
     batch_size: int = 128  # InfoNCE negatives come from the batch: larger is harder, slower

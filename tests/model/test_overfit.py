@@ -16,6 +16,7 @@ import torch
 
 from model import sampling
 from model.config import get_preset
+from model.decoding import decode_tokens
 from model.networks import JointModel
 from model.tokenizer import CaptionTokenizer
 from pipeline.data.engrave import render
@@ -96,7 +97,7 @@ def _overfit() -> None:
 
     with torch.inference_mode():
         mu, _ = model.encode_posterior(images, tokens)
-        joint = tok.decode(sampling.decode_tokens(model, mu))
+        joint = tok.decode(decode_tokens(model, mu))
     from_images = sampling.caption(model, tok, images_u8)
     joint_exact = np.mean([a == b for a, b in zip(joint, captions)])
     image_exact = np.mean([a == b for a, b in zip(from_images, captions)])
