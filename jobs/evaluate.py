@@ -9,8 +9,10 @@ On a Ray cluster (the job's driver does the work; checkpoint, data and output ma
     ray job submit --working-dir . -- python -m jobs.evaluate --checkpoint s3://bucket/ckpt --data s3://bucket/engravings --num-seeds 1000 --out s3://bucket/eval
 
 It writes OUT/report.json, OUT/contact_sheet.png and OUT/contact_sheet.html, and prints a short
-table. The first run on a dataset trains the attribute probe on the train split and caches it in
-<data>/.probe/ (or --probe-cache); later runs reuse it.
+table. The first run on a dataset trains its probes on the train split (the contrastive probe
+always, the attribute probe where the metadata has the grammar's attributes) and caches them in
+<data>/.probe/ (or --probe-cache); later runs reuse them. Every EvaluateConfig field is a flag,
+the probes' settings as --probe.NAME and --contrastive.NAME.
 """
 
 from __future__ import annotations

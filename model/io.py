@@ -1,7 +1,8 @@
 """The one atomic local file write: a temp file beside the target, then a rename.
 
 A reader (a resuming job, a second process, an analyst) never sees half a file, and a killed
-writer leaves at most a dot-prefixed temp file that every lister here ignores. S3 PUTs are
+writer leaves at most a dot-prefixed temp file, which pyarrow's dataset readers skip and the
+suffix filters of the listers here (`.parquet`, `.png`) pass over. S3 PUTs are
 atomic by themselves (pipeline/storage.py).
 """
 

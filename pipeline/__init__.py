@@ -37,7 +37,8 @@ evaluation/    quality, measured (jobs.evaluate)
     probe_cache.py both probes' cache by dataset fingerprint
     metrics.py     pure metric functions (coherence, coverage, Fréchet, AUC, ...)
     batched.py     the sampling API over many inputs in fixed-size batches
-    sections.py    report sections (coherence, fidelity, coverage, conditional, determinism, alignment)
+    sections.py    report sections: grammar (coherence, fidelity, coverage, conditional), free-form
+                   (retrieval, realism, captions), determinism, alignment
     targets.py     the quality targets and the printed table
     run.py         `run_evaluation`: report.json and the contact sheet
 """

@@ -29,17 +29,24 @@ def is_s3(uri: str) -> bool:
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) for a local path or an s3:// URI."""
     if is_s3(uri):
-        return _s3(os.environ.get("AWS_ENDPOINT_URL")), uri[len("s3://") :].rstrip("/")
+        settings = tuple(os.environ.get(k) for k in _S3_SETTINGS)
+        return _s3(settings, os.getpid()), uri[len("s3://") :].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
-@functools.lru_cache(maxsize=4)
-def _s3(endpoint: str | None) -> pafs.FileSystem:
-    """One S3 filesystem per process and endpoint (a new s3fs per file costs a connection setup);
-    the endpoint is the cache key, so a changed AWS_ENDPOINT_URL (tests, several stores) is honoured."""
+# The environment an S3 filesystem is built from: a change of any of them builds a new one.
+_S3_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION")
+
+
+@functools.lru_cache(maxsize=8)
+def _s3(settings: tuple[str | None, ...], pid: int) -> pafs.FileSystem:
+    """One S3 filesystem per process and S3 environment: a new s3fs per file costs a connection
+    setup. The process id is in the key because fsspec instances are not fork-safe, and the
+    listing cache is off: other processes (actors, a second job) write to the same prefixes."""
     import s3fs  # imported lazily: local runs never need botocore
 
-    return pafs.PyFileSystem(pafs.FSSpecHandler(s3fs.S3FileSystem(skip_instance_cache=True)))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def join(uri: str, *parts: str) -> str:
@@ -72,14 +79,11 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file atomically: locally through model.io.atomic_write (temp file, then
     rename), so a reader never sees half a file; an S3 PUT is atomic by itself."""
     fs, path = filesystem(uri)
-    parent = posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path)
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    if is_s3(uri):
+    if is_s3(uri):  # no folders to make on S3 (a create_dir per PNG would cost a request each)
         with fs.open_output_stream(path) as f:
             f.write(data)
         return
-    atomic_write(path, data)
+    atomic_write(path, data)  # makes the parent folders
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:

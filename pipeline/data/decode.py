@@ -4,17 +4,12 @@ marked per row (never raised), then the model-ready float rows and tokens."""
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING
-
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.images import to_float
 from pipeline import storage
 from pipeline.data.sources import tokenizer_from_json
-
-if TYPE_CHECKING:
-    pass
 
 # ---------------------------------------------------------------- images
 

@@ -67,7 +67,6 @@ __all__ = ["DatasetError", "IngestStats", "clean_caption", "load_dataset", "read
 BLOCK_ROWS = 256  # rows per Ray block / batch: a few MB of decoded images, many tasks to spread
 
 
-
 @dataclass
 class IngestStats:
     """What ingestion saw, for the rows of the requested split."""
@@ -90,7 +89,6 @@ class IngestStats:
             f"ingested {uri}: {self.rows_read} rows read, {self.rows_kept} kept, "
             f"{self.rows_read - self.rows_kept} skipped ({reasons}), {self.truncated} captions truncated"
         )
-
 
 
 # ---------------------------------------------------------------- public API

@@ -16,7 +16,6 @@ Log = Callable[[str], None]
 MIN_SHARE = 0.95
 
 
-
 class EvaluateError(ValueError):
     """Bad input to the evaluation, detected before the work starts."""
 

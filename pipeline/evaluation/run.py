@@ -147,8 +147,8 @@ def merge_families(report: dict[str, Any], freeform: dict[str, Any]) -> None:
         elif key == "fidelity":
             old["contrastive"] = section
         elif key == "conditional":
-            for mode, values in section.items():
-                old.setdefault(mode, {}).update(values)
+            for mode, values in section.items():  # the grammar section keeps its own n and examples
+                old.setdefault(mode, {})["retrieval"] = values["retrieval"]
 
 
 def alignment_sections(ink: Inkseed, gen: Generated, val: RealSet, cfg: EvaluateConfig) -> dict[str, Any]:
@@ -183,17 +183,19 @@ def open_inputs(cfg: EvaluateConfig, log: Log) -> tuple[Inkseed, EvaluateConfig,
     cfg = replace(cfg, probe=replace(cfg.probe, image_size=size), contrastive=replace(cfg.contrastive, image_size=size))
     log(f"evaluate: checkpoint {cfg.checkpoint} ({size}px, digest {ink.digest[:12]}), data {cfg.data}")
     splits = {"val": load_real(cfg.data, size, "val")}
-    if needs_training(cfg):
+    if needs_training(cfg, with_attribute_probe=applicability(splits["val"])["attributes"] is None):
         splits["train"] = load_real(cfg.data, size, "train")
     return ink, cfg, splits, _read_train_captions(cfg.data)
 
 
-def needs_training(cfg: EvaluateConfig) -> bool:
-    """True unless both probes this dataset may need are cached already."""
+def needs_training(cfg: EvaluateConfig, with_attribute_probe: bool) -> bool:
+    """True unless every probe this dataset needs is cached already (the attribute probe only
+    where the metadata carries the grammar's attributes)."""
     cache = cfg.probe_cache or default_cache_dir(cfg.data)
     key = contrastive_key(cfg.data, cfg.contrastive)
-    attribute = storage.list_files(cache, f"-{probe_key(cfg.data, cfg.probe)}.safetensors")
-    return not (storage.exists(storage.join(cache, f"contrastive-{cfg.contrastive.image_size}px-{key}.safetensors")) and attribute)
+    contrastive = storage.exists(storage.join(cache, f"contrastive-{cfg.contrastive.image_size}px-{key}.safetensors"))
+    attribute = not with_attribute_probe or storage.list_files(cache, f"-{probe_key(cfg.data, cfg.probe)}.safetensors")
+    return not (contrastive and attribute)
 
 
 def run_evaluation(cfg: EvaluateConfig, log: Log = print) -> dict[str, Any]:

@@ -34,8 +34,8 @@ class GenerateConfig:
     # GPUs per actor; None = 1 when the cluster has GPUs, else 0 (CPU).
     num_gpus: float | None = None
     # CPUs per actor: fractional so the actors never take every CPU and starve Ray Data's read
-    # tasks (on a 2-core node a whole-CPU pool hangs the job). Ray also sets the actor's
-    # OMP_NUM_THREADS (torch threads) from it, at least 1.
+    # tasks (on a 2-core node a whole-CPU pool hangs the job). Its torch threads are
+    # torch_threads', not this number's.
     num_cpus: float = 0.5
     # Seeds per shard = per manifest part file: thousands of rows per file, and the unit of resume.
     shard_size: int = 10_000
@@ -50,7 +50,8 @@ class GenerateConfig:
     # Threads per actor that encode PNGs and write them: S3 PUT latency is what they hide.
     io_threads: int = 8
     # torch intra-op threads per CPU actor; None = the node's CPUs divided by max_actors (at least
-    # 1). Ray would set them from the fractional num_cpus (0.5 -> 1 thread), idling half a node.
+    # 1: right for one CPU node; on several CPU nodes give it). Ray would set them from the
+    # fractional num_cpus (0.5 -> 1 thread), idling half a node.
     torch_threads: int | None = None
 
     def validate(self) -> None:

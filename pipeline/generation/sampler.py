@@ -35,6 +35,12 @@ from pipeline.generation.manifest import SeedPlan
 BATCHES_PER_BLOCK = 4
 
 
+def node_cpus() -> int:
+    """The CPUs this process may run on (its affinity on Linux; the CPU count elsewhere)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
 def _assign_seeds(batch: dict[str, np.ndarray], plan: SeedPlan, pending: np.ndarray) -> dict[str, np.ndarray]:
     """Slots of the pending shards -> (seed, shard). Slot i is position i % shard_size of pending
     shard i // shard_size; slots past the last seed (a short last shard) are dropped."""
@@ -70,7 +76,7 @@ class SampleBatch:
         except RuntimeError as e:
             raise GenerateError(str(e)) from e
         if resolved.type == "cpu":  # this node's CPUs shared by the pool, not Ray's 1 per 0.5 CPU
-            torch.set_num_threads(torch_threads or max(1, len(os.sched_getaffinity(0)) // (pool_size or 1)))
+            torch.set_num_threads(torch_threads or max(1, node_cpus() // (pool_size or 1)))
         self.ink = load_checkpoint_files(checkpoint_files, resolved)
         if self.ink.digest != digest:
             raise GenerateError(f"checkpoint digest changed in transit: {self.ink.digest} != {digest}")
@@ -109,7 +115,8 @@ class SampleBatch:
         return hashlib.sha256(data).hexdigest()
 
     def __del__(self) -> None:
-        self.pool.shutdown(wait=True)
+        if getattr(self, "pool", None) is not None:  # __init__ may have failed before the pool
+            self.pool.shutdown(wait=True)
 
 
 def build_dataset(

@@ -103,8 +103,21 @@ def restore_checkpoint(checkpoint: ray.train.Checkpoint, model: JointModel) -> t
         model.load_state_dict(load_checkpoint(os.path.join(d, MODEL_DIR)).model.state_dict())
         with open(os.path.join(d, TRAIN_STATE)) as f:
             meta = json.load(f)
-        optimizer = optimizer_state_from_tensors(*load_state(os.path.join(d, OPTIMIZER)))
+        tensors, opt_meta = load_state(os.path.join(d, OPTIMIZER))
+    if "param_groups" in opt_meta:
+        optimizer = optimizer_state_from_tensors(tensors, opt_meta)
+    else:  # a run checkpointed before the one serialiser: "<param>.<name>" keys, groups in train_state.json
+        optimizer = legacy_optimizer_state(tensors, meta["optimizer"])
     return TrainState(**meta["state"]), {"optimizer": optimizer, "scheduler": meta["scheduler"]}
+
+
+def legacy_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """`optimizer.load_state_dict` input from the layout training checkpoints had until issue 11."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def read_phase(checkpoint: ray.train.Checkpoint) -> str:
