@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import resource
@@ -35,10 +34,10 @@ from typing import Literal
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig, get_preset
+from model.images import png_bytes
 from model.networks import JointModel
 from model.tokenizer import CaptionTokenizer
 
@@ -70,10 +69,9 @@ def plain_loop(checkpoint: str, seeds: range, batch_size: int, steps: int, out: 
         chunk = list(seeds[i : i + batch_size])
         samples = ink.generate(chunk, steps=steps)
         for seed, image in zip(chunk, samples.images):
-            buf = io.BytesIO()
-            Image.fromarray(image, mode="L").save(buf, format="PNG")
-            hashlib.sha256(buf.getvalue()).hexdigest()
-            (out / f"{seed}.png").write_bytes(buf.getvalue())
+            data = png_bytes(image)
+            hashlib.sha256(data).hexdigest()
+            (out / f"{seed}.png").write_bytes(data)
     return len(seeds) / (time.perf_counter() - start)
 
 

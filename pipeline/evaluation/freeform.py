@@ -33,6 +33,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from model.tokenizer import canonical_caption
+from pipeline.evaluation.probe import random_blur
 
 FORMAT_VERSION = 1
 PAD, UNK = "<pad>", "<unk>"
@@ -227,16 +228,7 @@ def augment(x: torch.Tensor, cfg: ContrastiveProbeConfig, gen: torch.Generator) 
         padded = F.pad(x, (r, r, r, r))  # (B, S+2r, S+2r), zero = paper
         dx, dy = torch.randint(0, 2 * r + 1, (2, b), generator=gen).tolist()
         x = torch.stack([padded[i, y : y + size, u : u + size] for i, (u, y) in enumerate(zip(dx, dy))])
-    lo, hi = cfg.blur_sigma
-    sigma = (lo + (hi - lo) * torch.rand(b, generator=gen)) * scale  # (B,)
-    keep = torch.rand(b, generator=gen) >= cfg.blur_share  # (B,)
-    k = max(1, math.ceil(2.5 * hi * scale))
-    t = torch.arange(-k, k + 1, dtype=torch.float32)
-    w = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None] ** 2))
-    w = w / w.sum(1, keepdim=True)  # (B, 2k+1): a separable kernel per image
-    h = F.conv2d(F.pad(x[None], (k, k, k, k)), w[:, None, None, :], groups=b)  # rows
-    h = F.conv2d(h, w[:, None, :, None], groups=b)[0]  # columns -> (B, S, S)
-    return torch.where(keep[:, None, None], x, h)
+    return random_blur(x, cfg.blur_share, cfg.blur_sigma, scale, gen, pad="constant")  # zero = paper in ink space
 
 
 def drop_words(ids: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:

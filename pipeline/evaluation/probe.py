@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.images import to_float
 from pipeline.data.grammar import ATTRIBUTES
 from pipeline.evaluation.real import RealSet
 
@@ -95,7 +96,7 @@ class AttributeProbe(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """images uint8 or float 0..255 (B, S, S) -> features (B, F)."""
-        x = images.float()[:, None] / 127.5 - 1.0  # (B, 1, S, S) in [-1, 1]
+        x = to_float(images)[:, None]  # (B, 1, S, S) in [-1, 1]
         return self.embed(self.trunk(x))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -180,15 +181,25 @@ def accuracy(pred: Sequence[dict[str, str]], truth: Sequence[dict[str, str]]) ->
 
 def blur_some(x: torch.Tensor, cfg: ProbeConfig, gen: torch.Generator) -> torch.Tensor:
     """Gaussian-blur a random cfg.blur_share of the images x (B, S, S) float, each by its own sigma."""
-    b, scale = x.shape[0], cfg.image_size / 64
-    lo, hi = cfg.blur_sigma
+    return random_blur(x, cfg.blur_share, cfg.blur_sigma, cfg.image_size / 64, gen, pad="replicate")
+
+
+def random_blur(
+    x: torch.Tensor, share: float, sigma_range: tuple[float, float], scale: float, gen: torch.Generator,
+    pad: str = "replicate",
+) -> torch.Tensor:  # fmt: skip
+    """Blur a random `share` of the images x (B, S, S) by a Gaussian each, sigma uniform in
+    sigma_range times scale (pixels at 64 px); both probes' augmentation. `pad`: how the border
+    is extended ("constant" = zeros)."""
+    b = x.shape[0]
+    lo, hi = sigma_range
     sigma = (lo + (hi - lo) * torch.rand(b, generator=gen)) * scale  # (B,)
-    keep = torch.rand(b, generator=gen) >= cfg.blur_share  # (B,)
+    keep = torch.rand(b, generator=gen) >= share  # (B,)
     r = max(1, math.ceil(2.5 * hi * scale))
     t = torch.arange(-r, r + 1, dtype=torch.float32)
     k = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None] ** 2))
     k = k / k.sum(1, keepdim=True)  # (B, 2r+1): separable kernel per image
-    h = F.pad(x[None], (r, r, r, r), mode="replicate")  # (1, B, S+2r, S+2r)
+    h = F.pad(x[None], (r, r, r, r), mode=pad)  # (1, B, S+2r, S+2r)
     h = F.conv2d(h, k[:, None, None, :], groups=b)  # rows
     h = F.conv2d(h, k[:, None, :, None], groups=b)[0]  # columns -> (B, S, S)
     return torch.where(keep[:, None, None], x, h)
