@@ -99,6 +99,7 @@ def pipeline_run(checkpoint: str, num_seeds: int, args: argparse.Namespace, out:
             min_actors=actors,
             max_actors=actors,
             shard_size=args.shard_size,
+            torch_threads=args.threads,  # the same threads as the loop (the job's default: node CPUs / actors)
         )
         return run_generation(cfg)
     finally:
