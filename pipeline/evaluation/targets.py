@@ -29,7 +29,7 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     # Issue 7's Fréchet target is on the attribute probe's features: without that probe the
     # report's fidelity is the contrastive probe's (free-form datasets), another scale.
-    grammar_probe = "skipped" not in report.get("probe", {"skipped": "absent"})
+    grammar_probe = "skipped" not in report.get("probe", {})
     for label, path, kind, bound in TARGETS:
         value = _get(report, *path) if grammar_probe or path[0] != "fidelity" else None
         met = None if value is None else (value >= bound if kind == "min" else value <= bound)

@@ -149,6 +149,9 @@ def test_targets_are_checked_against_their_bounds() -> None:
         "coverage of combinations / real ceiling": True, "Frechet ratio to the real floor": False,
         "i2t caption accuracy, mean": True, "t2i probe agreement, mean": True, "determinism mismatches": True,
     }
+    # Without the attribute probe, fidelity is the contrastive probe's: not issue 7's Frechet target.
+    skipped_probe = {**report, "probe": {"skipped": "no attributes"}}
+    assert {t["metric"]: t["met"] for t in check_targets(skipped_probe)}["Frechet ratio to the real floor"] is None
     report["determinism"]["mismatches"] = 1
     del report["fidelity"]
     rows = {t["metric"]: t for t in check_targets(report)}
