@@ -162,6 +162,12 @@ def train_epoch(
     for batch in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = ddp(batch["image"], batch["tokens"])
+        if not torch.isfinite(out["loss"]):  # stop before a NaN reaches the weights and a checkpoint
+            bad = [k for k, v in out.items() if not torch.isfinite(v).all()]
+            raise FloatingPointError(
+                f"non-finite training loss at step {state.global_step + 1} (epoch {epoch}; non-finite: "
+                f"{', '.join(bad)}): lower --lr or --loss-weights, or use --precision fp32"
+            )
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

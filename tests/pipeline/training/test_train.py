@@ -199,3 +199,13 @@ def test_early_stopping_ends_phase_one(ray_local, data, tmp_path):
     epochs = metrics_rows(cfg, "epoch")
     assert [r["epoch"] for r in epochs] == [1, 2] and epochs[-1]["val/bad_epochs"] == 1
     assert load_checkpoint(export).extra["phase"] == "done"
+
+
+def test_a_diverging_run_stops_with_a_clear_error(ray_local, data, tmp_path):
+    """A learning rate that blows the weights up must stop the run on the first non-finite loss,
+    naming it, instead of writing NaN weights into checkpoints (the export would refuse them)."""
+    cfg = tiny(data, str(tmp_path), "nan", epochs=2, lr=1e30, warmup_steps=1, grad_clip=1e30, max_failures=0,
+               log_samples=0)  # fmt: skip
+    with pytest.raises(Exception, match="non-finite training loss at step"):
+        run_training(cfg)
+    assert not (tmp_path / "nan" / "export").exists()
