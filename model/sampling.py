@@ -11,6 +11,7 @@ degenerate loops: no word right after itself and no repeated 3-gram (model/decod
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -52,6 +53,12 @@ def resolve_device(device: Device | str | torch.device) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but this process sees no GPU (give the actor num_gpus >= 1)")
     return resolved
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity on Linux; the CPU count elsewhere)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return max(1, len(affinity(0)) if affinity else os.cpu_count() or 1)
 
 
 def autocast_context(device: torch.device | str, enabled: bool | None = None):

@@ -43,6 +43,7 @@ class CaptionTokenizer:
             if tokenizer.token_to_id(tok) != i:
                 raise ValueError(f"tokenizer must map {tok} to id {i}, got {tokenizer.token_to_id(tok)}")
         self._tok = tokenizer
+        self._punctuation: torch.Tensor | None = None  # punctuation_mask(), made on first use
 
     @classmethod
     def train(cls, captions: Iterable[str], min_frequency: int = 1) -> CaptionTokenizer:
@@ -67,10 +68,12 @@ class CaptionTokenizer:
     def punctuation_mask(self) -> torch.Tensor:
         """(V,) bool: the ids that are not words (punctuation, and the specials). Decoding looks
         through them for an immediate word repeat ("woman: woman" is one)."""
-        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
-        for token, i in self.vocab.items():
-            mask[i] = token in SPECIALS or not any(ch.isalnum() for ch in token)
-        return mask
+        if self._punctuation is None:  # once per tokenizer: decoding asks for it every batch
+            mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+            for token, i in self.vocab.items():
+                mask[i] = token in SPECIALS or not any(ch.isalnum() for ch in token)
+            self._punctuation = mask
+        return self._punctuation
 
     def tokenize(self, text: str) -> list[int]:
         """Word ids of one caption, without bos/eos/padding."""

@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from model.images import png_bytes
+from model.sampling import available_cpus
 from pipeline import storage
 from pipeline.contact_sheet import write_sheet
 from pipeline.data.grammar import make_caption, sample_attributes
@@ -84,4 +85,4 @@ def render_dataset(out: str, count: int, size: int, seed: int, workers: int = 1)
 
 def default_workers() -> int:
     """Worker processes for the prepare_data job: one per available core."""
-    return max(1, len(os.sched_getaffinity(0)))
+    return available_cpus()

@@ -14,7 +14,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import math
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,7 +23,7 @@ import torch
 
 from model.checkpoint import load_checkpoint_files
 from model.images import png_bytes
-from model.sampling import Device, resolve_device
+from model.sampling import Device, available_cpus, resolve_device
 from pipeline import storage
 from pipeline.generation import manifest
 from pipeline.generation.config import GenerateConfig, GenerateError
@@ -33,12 +32,6 @@ from pipeline.generation.manifest import SeedPlan
 # Ray Data blocks of this many model batches: big enough that per-task overhead is small next to
 # sampling, small enough that several actors share a few-hundred-seed run.
 BATCHES_PER_BLOCK = 4
-
-
-def node_cpus() -> int:
-    """The CPUs this process may run on (its affinity on Linux; the CPU count elsewhere)."""
-    affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def _assign_seeds(batch: dict[str, np.ndarray], plan: SeedPlan, pending: np.ndarray) -> dict[str, np.ndarray]:
@@ -76,7 +69,7 @@ class SampleBatch:
         except RuntimeError as e:
             raise GenerateError(str(e)) from e
         if resolved.type == "cpu":  # this node's CPUs shared by the pool, not Ray's 1 per 0.5 CPU
-            torch.set_num_threads(torch_threads or max(1, node_cpus() // (pool_size or 1)))
+            torch.set_num_threads(torch_threads or max(1, available_cpus() // (pool_size or 1)))
         self.ink = load_checkpoint_files(checkpoint_files, resolved)
         if self.ink.digest != digest:
             raise GenerateError(f"checkpoint digest changed in transit: {self.ink.digest} != {digest}")
