@@ -47,15 +47,18 @@ def count_macs(cfg: ModelConfig, caption_tokens: int = CAPTION_TOKENS) -> dict[s
         m = JointModel(cfg, VOCAB).eval()
     s, d = cfg.image_size, cfg.z_dim
     z = torch.zeros(1, d, device="meta")
+    latent = torch.zeros(1, m.latent_dim, device="meta")  # z [+ the detail latent]: what the prior diffuses
+    detail = torch.zeros(1, *m.detail_shape, device="meta") if cfg.detail_channels else None
+    noise = torch.zeros(1, m.noise_dim - m.latent_dim, device="meta")
     img = torch.zeros(1, s, s, device="meta")
     tok = torch.zeros(1, caption_tokens, dtype=torch.long, device="meta")
     full = torch.zeros(1, cfg.max_caption_tokens, dtype=torch.long, device="meta")
     t = torch.zeros(1, dtype=torch.long, device="meta")
     out: dict[str, float] = {}
     with torch.no_grad():
-        out["prior_per_step"] = _macs(lambda: m.prior(z, t))
+        out["prior_per_step"] = _macs(lambda: m.prior(latent, t))
         out["prior"] = out["prior_per_step"] * cfg.ddim_steps
-        out["image_decoder"] = _macs(lambda: m.image_decoder(z))
+        out["image_decoder"] = _macs(lambda: m.decode_image(z, detail, noise))
 
         def decode():
             _, cache = m.caption_decoder.start(z)
@@ -72,8 +75,9 @@ def count_macs(cfg: ModelConfig, caption_tokens: int = CAPTION_TOKENS) -> dict[s
             lambda: (
                 m.encode_image(img),
                 m.encode_caption(full),
-                m.image_decoder(z),
+                m.decode_image(z, detail, noise),
                 m.caption_decoder(z, full[:, :-1]),
+                m.discriminator(img) if cfg.disc_channels else None,
             )
         )
         out["train_forward"] = train_fwd

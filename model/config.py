@@ -29,6 +29,12 @@ def _default_loss_weights() -> dict[str, float]:
         # InfoNCE between the image-only and caption-only encodings: ties the two
         # posteriors together and gives the alignment score; kept below reconstruction.
         "contrastive": 0.1,
+        # KL of the spatial detail latent (detail_channels > 0), per dim like `kl`: small, so
+        # the detail keeps the stroke positions; the prior then models where it lands.
+        "detail_kl": 1e-3,
+        # PatchGAN hinge term of the decoder (disc_channels non-empty), against L1 + gradient
+        # (VQGAN's weighting): large enough to sharpen strokes, small enough not to move them.
+        "adversarial": 0.1,
     }
 
 
@@ -66,6 +72,20 @@ class ModelConfig:
     # CPU cores, ~4 min per epoch of 18K images; the texture bank carries the full-resolution
     # hatching that 8 channels alone could not paint. (256, 160, 96, 48, 24, 12) costs 2x for more capacity.
     channels: tuple[int, ...] = (128, 128, 64, 32, 16, 8)
+    # Channels of the spatial detail latent beside z (0 disables): a C x detail_size^2 Gaussian
+    # from the encoder's detail_size stage, added into the decoder there, and diffused jointly
+    # with z by the prior. It carries what a 64-d z cannot: where each stroke of a free-form
+    # drawing lies (model/image_nets.py).
+    detail_channels: int = 0
+    # Side of the detail latent: a power of two from 4 to image_size.
+    detail_size: int = 8
+    # StyleGAN-style noise maps in every decoder stage, drawn from the seed (zero-init strengths).
+    noise_maps: bool = False
+    # PatchGAN discriminator widths (stride-2 convs) for the adversarial term; () disables.
+    disc_channels: tuple[int, ...] = ()
+    # Training forwards before the adversarial term reaches the decoder (the discriminator
+    # trains from the start): the decoder first learns the layout from L1.
+    adversarial_start: int = 0
     # Learned full-resolution "plate texture" maps the decoder gates into its last stage:
     # hatching sits at fixed plate coordinates, which translation-equivariant convs cannot
     # place sharply by themselves. 0 disables.
@@ -106,6 +126,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
+        self.disc_channels = tuple(int(c) for c in self.disc_channels)
         self.posterior_mix = tuple(float(p) for p in self.posterior_mix)  # type: ignore[assignment]
         weights = _default_loss_weights()
         weights.update({k: float(v) for k, v in dict(self.loss_weights).items()})
@@ -133,6 +154,9 @@ class ModelConfig:
             raise ValueError(
                 f"channels needs log2({s}/4)+1 = {self.num_stages + 1} entries, got {len(self.channels)}"
             )
+        d = self.detail_size
+        if self.detail_channels < 0 or (self.detail_channels and (d < 4 or d > s or d & (d - 1))):
+            raise ValueError(f"detail_channels must be >= 0 and detail_size a power of two in [4, {s}], got {self.detail_channels}, {d}")
         if self.text_width % self.text_heads:
             raise ValueError("text_width must be divisible by text_heads")
         if len(self.posterior_mix) != 3 or abs(sum(self.posterior_mix) - 1.0) > 1e-6:
@@ -147,6 +171,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["channels"] = list(self.channels)
         d["posterior_mix"] = list(self.posterior_mix)
+        d["disc_channels"] = list(self.disc_channels)
         return d
 
     @classmethod

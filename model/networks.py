@@ -5,6 +5,11 @@
     caption ─► CaptionEncoder ┘   (MVAE)          └─► CaptionDecoder (autoregressive) ─► caption
     image-only / caption-only features ─► contrastive heads ─► unit embeddings (alignment = cosine)
 
+Optional parts (model/image_nets.py, model/adversarial.py; off in the committed default): a
+spatial detail latent beside z, which the latent prior diffuses jointly with z; per-seed noise
+maps in the decoder; a PatchGAN term on the reconstruction. The networks themselves live in
+model/image_nets.py and model/text_nets.py.
+
 Every op is per-sample (GroupNorm / LayerNorm, never BatchNorm), so a sample's output does not
 depend on the rest of its batch. Images are (B, S, S) floats in [-1, 1], paper ≈ +1, ink ≈ -1."""
 
@@ -17,20 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.adversarial import PatchDiscriminator, adversarial_terms
 from model.config import ModelConfig
+from model.image_nets import ImageDecoder, ImageEncoder, noise_sizes, split_noise
 from model.losses import caption_cross_entropy, gradient_l1, info_nce, kl_to_standard_normal
 from model.prior import LatentPrior
-from model.tokenizer import BOS_ID, PAD_ID
+from model.text_nets import CaptionDecoder, CaptionEncoder
+from model.tokenizer import PAD_ID
 
-LOGVAR_MIN, LOGVAR_MAX = -12.0, 6.0
 Posterior = Literal["mix", "joint", "image", "caption"]
-
-
-def _groups(c: int) -> int:
-    for g in (8, 4, 2, 1):
-        if c % g == 0:
-            return g
-    return 1
+__all__ = ["CaptionDecoder", "CaptionEncoder", "ImageDecoder", "ImageEncoder", "JointModel", "product_of_experts"]
 
 
 def product_of_experts(
@@ -51,223 +52,6 @@ def product_of_experts(
     return weighted / precision, -torch.log(precision)
 
 
-class ResBlock(nn.Module):
-    """x + conv3x3(silu(gn(x))): the residual conv of each stage (zero-init: starts as identity)."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.norm = nn.GroupNorm(_groups(c), c)
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-        nn.init.zeros_(self.conv.weight)
-        nn.init.zeros_(self.conv.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(F.silu(self.norm(x)))
-
-
-class ImageEncoder(nn.Module):
-    """(B, S, S) image -> pooled feature (B, F) -> Gaussian (mu, logvar) over z."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        ch = list(reversed(cfg.channels))  # full res ... 4x4
-        self.stem = nn.Conv2d(1, ch[0], 3, padding=1)
-        stages = []
-        for cin, cout in zip(ch[:-1], ch[1:]):
-            stages.append(
-                nn.Sequential(
-                    nn.GroupNorm(_groups(cin), cin),
-                    nn.SiLU(),
-                    nn.Conv2d(cin, cout, 3, stride=2, padding=1),  # halve resolution
-                    ResBlock(cout),
-                )
-            )
-        self.stages = nn.Sequential(*stages)
-        self.out_norm = nn.GroupNorm(_groups(ch[-1]), ch[-1])
-        self.fc = nn.Linear(ch[-1] * 16, cfg.feature_dim)
-        self.head = nn.Linear(cfg.feature_dim, 2 * cfg.z_dim)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.stem(images[:, None])  # (B, C_S, S, S)
-        x = self.stages(x)  # (B, C_0, 4, 4)
-        x = F.silu(self.out_norm(x)).flatten(1)  # (B, 16 C_0)
-        return F.silu(self.fc(x))  # (B, F)
-
-    def posterior(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.head(feats).float().chunk(2, dim=-1)  # (B, D) each
-        return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
-
-
-class ImageDecoder(nn.Module):
-    """z (B, D) -> (B, S, S) in [-1, 1], with a gated learned plate-texture bank at full res."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        ch = list(cfg.channels)  # 4x4 ... full res
-        self.c0 = ch[0]
-        self.fc = nn.Linear(cfg.z_dim, ch[0] * 16)
-        self.base = ResBlock(ch[0])
-        stages = []
-        for cin, cout in zip(ch[:-1], ch[1:]):
-            stages.append(
-                nn.Sequential(
-                    nn.Upsample(scale_factor=2, mode="nearest"),
-                    nn.Conv2d(cin, cout, 3, padding=1),
-                    nn.GroupNorm(_groups(cout), cout),
-                    nn.SiLU(),
-                    ResBlock(cout),
-                )
-            )
-        self.stages = nn.Sequential(*stages)
-        c, k = ch[-1], cfg.texture_bank
-        self.k = k
-        self.out_norm = nn.GroupNorm(_groups(c), c)
-        if k:
-            # k learned full-resolution line textures in plate coordinates, and per-pixel gates
-            # predicted from the features: the decoder *selects* sharp textures (multiplicative
-            # gating) instead of painting 1-px lines with translation-equivariant convs.
-            self.textures = nn.Parameter(torch.randn(k, cfg.image_size, cfg.image_size) * 0.5)
-            self.gate = nn.Conv2d(c, k, 1)
-        self.out = nn.Conv2d(c + k, 1, 3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        b = z.shape[0]
-        x = self.fc(z).view(b, self.c0, 4, 4)  # (B, C_0, 4, 4)
-        x = self.stages(self.base(x))  # (B, C, S, S)
-        h = F.silu(self.out_norm(x))
-        if self.k:
-            gates = torch.sigmoid(self.gate(h))  # (B, k, S, S)
-            h = torch.cat([h, gates * self.textures.to(h.dtype)], dim=1)  # (B, C + k, S, S)
-        return torch.tanh(self.out(h)[:, 0].float())  # (B, S, S)
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.dropout = dropout
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        causal: bool = False,
-        key_mask: torch.Tensor | None = None,
-        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x (B, L, W); key_mask (B, L_k) True = attend; cache = past (k, v) of (B, H, L_past, Dh)."""
-        b, n, w = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # (B,H,L,Dh)
-        if cache is not None:
-            k = torch.cat([cache[0], k], dim=2)
-            v = torch.cat([cache[1], v], dim=2)
-        mask = key_mask[:, None, None, :] if key_mask is not None else None
-        # With a cache, the new queries are the latest positions: they may see every key.
-        is_causal = causal and cache is None and n > 1
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, L, Dh)
-        return self.proj(y.transpose(1, 2).reshape(b, n, w)), (k, v)
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block."""
-
-    def __init__(self, width: int, heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.ln1 = nn.LayerNorm(width)
-        self.attn = SelfAttention(width, heads, dropout)
-        self.ln2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x, *, causal=False, key_mask=None, cache=None):
-        a, new_cache = self.attn(self.ln1(x), causal=causal, key_mask=key_mask, cache=cache)
-        x = x + self.drop(a)
-        x = x + self.drop(self.mlp(self.ln2(x)))
-        return x, new_cache
-
-
-class CaptionEncoder(nn.Module):
-    """(B, T) tokens -> bidirectional transformer -> masked mean pool (B, W) -> (mu, logvar)."""
-
-    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
-        super().__init__()
-        w = cfg.text_width
-        self.embed = nn.Embedding(vocab_size, w)
-        nn.init.normal_(self.embed.weight, std=0.02)
-        self.pos = nn.Parameter(torch.randn(cfg.max_caption_tokens, w) * 0.02)
-        self.blocks = nn.ModuleList(
-            Block(w, cfg.text_heads, cfg.dropout) for _ in range(cfg.text_encoder_layers)
-        )
-        self.norm = nn.LayerNorm(w)
-        self.head = nn.Linear(w, 2 * cfg.z_dim)
-
-    def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = tokens.shape[1]
-        mask = tokens != PAD_ID  # (B, T)
-        x = self.embed(tokens) + self.pos[:t]  # (B, T, W)
-        for block in self.blocks:
-            x, _ = block(x, key_mask=mask)
-        x = self.norm(x)
-        m = mask[..., None].to(x.dtype)
-        return (x * m).sum(1) / m.sum(1).clamp_min(1)  # (B, W)
-
-    def posterior(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.head(feats).float().chunk(2, dim=-1)
-        return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
-
-
-class CaptionDecoder(nn.Module):
-    """GPT-style causal decoder; z becomes `prefix_tokens` tokens in front of the caption."""
-
-    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
-        super().__init__()
-        w, p = cfg.text_width, cfg.prefix_tokens
-        self.p, self.w, self.max_len = p, w, cfg.max_caption_tokens
-        self.prefix = nn.Linear(cfg.z_dim, p * w)
-        self.embed = nn.Embedding(vocab_size, w)
-        self.pos = nn.Parameter(torch.randn(p + cfg.max_caption_tokens, w) * 0.02)
-        self.blocks = nn.ModuleList(Block(w, cfg.text_heads, cfg.dropout) for _ in range(cfg.text_layers))
-        self.norm = nn.LayerNorm(w)
-        self.lm_head = nn.Linear(w, vocab_size, bias=False)
-        self.lm_head.weight = self.embed.weight  # tied: a small vocab, fewer params
-        nn.init.normal_(self.embed.weight, std=0.02)  # GPT-2 init: unit-scale logits at start
-
-    def _prefix(self, z: torch.Tensor) -> torch.Tensor:
-        return self.prefix(z).view(z.shape[0], self.p, self.w)  # (B, P, W)
-
-    def forward(self, z: torch.Tensor, tokens_in: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: z (B, D), tokens_in (B, T) = bos w1 ... -> logits (B, T, V)."""
-        t = tokens_in.shape[1]
-        x = torch.cat([self._prefix(z), self.embed(tokens_in)], dim=1) + self.pos[: self.p + t]  # (B, P+T, W)
-        for block in self.blocks:
-            x, _ = block(x, causal=True)
-        return self.lm_head(self.norm(x[:, self.p :]))  # (B, T, V)
-
-    def start(self, z: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """Prefill prefix + bos; returns logits for the first word (B, V) and the KV cache."""
-        b = z.shape[0]
-        bos = torch.full((b, 1), BOS_ID, dtype=torch.long, device=z.device)
-        x = torch.cat([self._prefix(z), self.embed(bos)], dim=1) + self.pos[: self.p + 1]
-        cache = []
-        for block in self.blocks:
-            x, kv = block(x, causal=True)
-            cache.append(kv)
-        return self.lm_head(self.norm(x[:, -1])), cache
-
-    def step(self, token: torch.Tensor, pos: int, cache: list) -> tuple[torch.Tensor, list]:
-        """One decoding step: token (B,) at caption position pos -> logits (B, V), new cache."""
-        x = self.embed(token)[:, None] + self.pos[self.p + pos]  # (B, 1, W)
-        new_cache = []
-        for block, kv in zip(self.blocks, cache):
-            x, kv = block(x, cache=kv)
-            new_cache.append(kv)
-        return self.lm_head(self.norm(x[:, -1])), new_cache
-
-
 class JointModel(nn.Module):
     """All networks of inkseed; `forward` returns every training loss term and metric."""
 
@@ -282,7 +66,41 @@ class JointModel(nn.Module):
         self.caption_proj = nn.Linear(config.text_width, config.embed_dim)
         # CLIP's init, temperature 0.07; clamped at 100 in use.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.prior = LatentPrior(config.z_dim, config.prior_width, config.prior_depth, config.prior_timesteps)
+        self.prior = LatentPrior(self.latent_dim, config.prior_width, config.prior_depth, config.prior_timesteps)
+        if config.disc_channels:
+            self.discriminator = PatchDiscriminator(config.disc_channels)
+            # Training forwards seen; the decoder's adversarial term starts at adversarial_start.
+            self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
+
+    @property
+    def detail_shape(self) -> tuple[int, int, int]:
+        """(C, d, d) of the spatial detail latent ((0, d, d) when disabled)."""
+        return (self.config.detail_channels, self.config.detail_size, self.config.detail_size)
+
+    @property
+    def latent_dim(self) -> int:
+        """Size of what the prior diffuses: z, then the flattened detail latent."""
+        c, d, _ = self.detail_shape
+        return self.config.z_dim + c * d * d
+
+    @property
+    def noise_dim(self) -> int:
+        """Standard-normal numbers a seed draws: the prior's x_T, then the decoder's noise maps."""
+        return self.latent_dim + sum(s * s for s in noise_sizes(self.config))
+
+    def split_latent(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, latent_dim) -> z (B, z_dim), detail (B, C, d, d) or None."""
+        z = latent[:, : self.config.z_dim]
+        if not self.config.detail_channels:
+            return z, None
+        return z, latent[:, self.config.z_dim :].reshape(-1, *self.detail_shape)
+
+    def decode_image(
+        self, z: torch.Tensor, detail: torch.Tensor | None = None, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """z (B, z_dim) [+ detail (B, C, d, d); missing = its prior mean 0] [+ flat decoder noise
+        (B, noise_dim - latent_dim); missing = 0] -> images (B, S, S) float32 in [-1, 1]."""
+        return self.image_decoder(z, detail, split_noise(noise, self.config) if noise is not None else None)
 
     @property
     def device(self) -> torch.device:
@@ -324,6 +142,16 @@ class JointModel(nn.Module):
         """Joint posterior (mu, logvar) (B, D) each: what the prior is fitted on."""
         return self.posterior(images, tokens)
 
+    def prior_latents(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """What the prior is fitted on: the joint posterior mean of z, then the image's detail
+        latent mean, flattened: (B, latent_dim)."""
+        mu, _ = self.posterior(images, tokens)
+        if not self.config.detail_channels:
+            return mu
+        _, detail_map = self.image_encoder.features_and_detail(images)
+        mu_d, _ = self.image_encoder.detail_posterior(detail_map)
+        return torch.cat([mu, mu_d.flatten(1)], dim=1)
+
     # -- prior -------------------------------------------------------------------------------
     def fit_latent_stats(self, mu: torch.Tensor) -> None:
         self.prior.fit_latent_stats(mu)
@@ -344,6 +172,25 @@ class JointModel(nn.Module):
             choice = torch.full((b,), {"joint": 0, "image": 1, "caption": 2}[mode], device=device)
         return (choice != 2).float(), (choice != 1).float()
 
+    def _detail(self, detail_map: torch.Tensor | None, m_img: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The detail latent a training sample decodes (sampled; its mean outside training; 0,
+        the prior mean, where the image expert is dropped) and its KL (0 when disabled)."""
+        if detail_map is None:
+            return None, m_img.new_zeros(())
+        mu, logvar = self.image_encoder.detail_posterior(detail_map)  # (B, C, d, d) each
+        kl, _ = kl_to_standard_normal(mu.flatten(1), logvar.flatten(1))
+        d = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        return d * m_img[:, None, None, None], kl
+
+    def _image_terms(self, recon: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Reconstruction terms, plus the hinge terms when the model has a discriminator."""
+        out = {"image_l1": (recon - images).abs().mean(), "image_grad": gradient_l1(recon, images)}
+        if self.config.disc_channels and self.training:
+            out["disc"], g_loss = adversarial_terms(self.discriminator, images, recon)
+            self.train_steps += 1
+            out["adversarial"] = g_loss * (self.train_steps > self.config.adversarial_start).float()
+        return out
+
     def forward(
         self, images: torch.Tensor, tokens: torch.Tensor, posterior: Posterior | None = None
     ) -> dict[str, torch.Tensor]:
@@ -356,41 +203,38 @@ class JointModel(nn.Module):
         cfg = self.config
         b = images.shape[0]
         mode = posterior or ("mix" if self.training else "joint")
-        mu_i, lv_i, e_i = self.encode_image(images)
+        feats, detail_map = self.image_encoder.features_and_detail(images)
+        mu_i, lv_i = self.image_encoder.posterior(feats)
+        e_i = F.normalize(self.image_proj(feats).float(), dim=-1)
         mu_c, lv_c, e_c = self.encode_caption(tokens)
 
         # 1. Which experts each sample keeps: joint (1, 1), image-only (1, 0), caption-only (0, 1).
         m_img, m_cap = self._expert_masks(mode, b, images.device)
         mu, logvar = product_of_experts([mu_i, mu_c], [lv_i, lv_c], [m_img, m_cap])  # (B, D)
 
-        # 2. Reparameterized z (sampled in training, the mean otherwise).
+        # 2. Reparameterized z and detail (sampled in training, the means otherwise), and fresh
+        #    decoder noise maps in training (none, i.e. their mean, otherwise).
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        detail, out_kl_detail = self._detail(detail_map, m_img)
+        noise = torch.randn(b, self.noise_dim - self.latent_dim, device=z.device) if cfg.noise_maps and self.training else None
 
-        # 3. Decode both modalities from the same z.
-        recon = self.image_decoder(z)  # (B, S, S) float32
+        # 3. Decode both modalities from the same latent.
+        recon = self.decode_image(z, detail, noise)  # (B, S, S) float32
         logits = self.caption_decoder(z, tokens[:, :-1])  # (B, T-1, V)
-        target = tokens[:, 1:]
 
-        images = images.float()
-        out: dict[str, torch.Tensor] = {}
-        out["image_l1"] = (recon - images).abs().mean()
-        out["image_grad"] = gradient_l1(recon, images)
-        out["caption_ce"], acc = caption_cross_entropy(logits.float(), target, PAD_ID)
-        kl, kl_loss = kl_to_standard_normal(mu, logvar, cfg.free_bits)
-        out["kl"] = kl
+        out = self._image_terms(recon, images.float())
+        out["caption_ce"], acc = caption_cross_entropy(logits.float(), tokens[:, 1:], PAD_ID)
+        out["kl"], kl_loss = kl_to_standard_normal(mu, logvar, cfg.free_bits)
+        if cfg.detail_channels:
+            out["detail_kl"] = out_kl_detail
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
         same_caption = (tokens[:, None, :] == tokens[None, :, :]).all(-1)  # (B, B)
         out["contrastive"] = info_nce(e_i, e_c, scale, same_caption)
         w = cfg.loss_weights
-        out["loss"] = (
-            w["image_l1"] * out["image_l1"]
-            + w["image_grad"] * out["image_grad"]
-            + w["caption_ce"] * out["caption_ce"]
-            + w["kl"] * kl_loss
-            + w["contrastive"] * out["contrastive"]
-        )
+        optimized = {**out, "kl": kl_loss}  # "disc" (the discriminator's own loss) has weight 1
+        out["loss"] = sum(w.get(k, 1.0) * v for k, v in optimized.items())
         with torch.no_grad():
-            out["image_mse"] = F.mse_loss(recon, images)
+            out["image_mse"] = F.mse_loss(recon, images.float())
             out["caption_accuracy"] = acc
             out["latent_mean"] = mu.mean()
             out["latent_std"] = mu.std()

@@ -5,7 +5,7 @@ Every worker encodes its own train shard into posterior means, the means are all
 every worker takes its slice of one shared global batch and the prior's gradients are
 all-reduced (data parallel like DDP; the prior is a separate small MLP, so plain all_reduce on
 its gradients is simpler than a second DDP wrapper). It starts from the best autoencoder weights
-reported so far. Phase 2 is short and not checkpointed midway: a failure in it restarts it from
+reported so far, or from the last ones (`TrainConfig.weights`). Phase 2 is short and not checkpointed midway: a failure in it restarts it from
 the last phase-1 checkpoint.
 """
 
@@ -46,15 +46,15 @@ def load_best_weights(model: JointModel, state: TrainState) -> None:
 def posterior_means(
     model: JointModel, shard: ray.data.DataIterator, batch_size: int, device: torch.device, amp: bool
 ) -> torch.Tensor:
-    """Joint posterior means (n, z_dim) of this worker's shard of the training set."""
+    """The prior's training latents (n, latent_dim) of this worker's shard: joint posterior
+    means of z, then the detail latent's means if the model has one (JointModel.prior_latents)."""
     model.eval()
     mus = []
     for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            mu, _ = model.encode_posterior(batch["image"], batch["tokens"])
-        mus.append(mu.float())
+            mus.append(model.prior_latents(batch["image"], batch["tokens"]).float())
     model.train()
-    return torch.cat(mus) if mus else torch.zeros((0, model.config.z_dim), device=device)
+    return torch.cat(mus) if mus else torch.zeros((0, model.latent_dim), device=device)
 
 
 def fit_prior(
