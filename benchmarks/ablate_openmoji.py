@@ -60,6 +60,14 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
         {"detail_channels": 4, "noise_maps": True, "disc_channels": (32, 64, 128), "adversarial_start": 500},
     ),
 }
+# Round 2: the same decoders with the ink cross-entropy instead of L1 + gradient L1, which on
+# sparse line art saturate to blank paper (round 1: every decoder's images were empty).
+BCE = {"loss_weights": {"image_l1": 0.0, "image_grad": 0.0, "image_bce": 1.0}}
+CANDIDATES.update({
+    "today_bce": ("today's decoder, ink cross-entropy", BCE),
+    "detail_bce": ("detail latent, ink cross-entropy", {**CANDIDATES["detail"][1], **BCE}),
+    "detail_gan_bce": ("detail latent + noise maps + PatchGAN, ink cross-entropy", {**CANDIDATES["detail_gan"][1], **BCE}),
+})  # fmt: skip
 REPORT_KEYS = {
     "retrieval.ratio": ("retrieval", "ratio"),
     "fidelity.ratio": ("fidelity", "ratio"),

@@ -11,7 +11,13 @@ Locally (starts a local Ray):
     python -m jobs.generate --smoke-test        # 64 seeds, 5 DDIM steps, into outputs/smoke-test
 
 Re-running the same command after an interruption finishes the missing seeds. The output layout
-and the manifest columns are described in pipeline/generation/manifest.py.
+and the manifest columns are described in pipeline/generation/manifest.py. Checking an output:
+
+    python -m jobs.generate --num-seeds 1000 --output outputs/run1 --verify   # or: python -m jobs.verify outputs/run1
+    python -m jobs.generate --num-seeds 1000 --output outputs/run1 --repair   # regenerate damaged shards
+
+A failure ends with one line, `error: ...`, naming the file or URI and what to do (`--debug`
+shows the traceback instead).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import tyro
 
 from jobs.cli import argv_or_sys, parse
 from jobs.ray_owner import run_owning_ray
-from pipeline.generation.config import GenerateConfig, GenerateError
+from pipeline.generation.config import GenerateConfig
+from pipeline.generation.errors import one_line
 from pipeline.generation.run import run_generation
 
 # --smoke-test defaults: a one-minute CPU run that exercises every stage, always starting fresh.
@@ -47,13 +54,19 @@ class GenerateArgs:
     # A tiny fresh run that exercises every stage (64 seeds, 5 DDIM steps, 1 actor, into
     # outputs/smoke-test); flags given with it still win.
     smoke_test: bool = False
+    # On failure, show the full traceback instead of the one-line error.
+    debug: bool = False
 
 
-def parse_args(argv: list[str] | None = None) -> GenerateConfig:
+def parse_job(argv: list[str] | None = None) -> GenerateArgs:
     argv = argv_or_sys(argv)
     smoke = "--smoke-test" in argv
     default = GenerateArgs(GenerateConfig(**SMOKE_TEST) if smoke else GenerateConfig(), smoke)
-    return parse(GenerateArgs, argv, default, __doc__.split("\n")[0]).generate
+    return parse(GenerateArgs, argv, default, __doc__.split("\n")[0])
+
+
+def parse_args(argv: list[str] | None = None) -> GenerateConfig:
+    return parse_job(argv).generate
 
 
 def main(cfg: GenerateConfig) -> dict[str, Any]:
@@ -63,8 +76,10 @@ def main(cfg: GenerateConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    config = parse_args()
+    args = parse_job()
     try:
-        main(config)
-    except GenerateError as e:
-        sys.exit(f"error: {e}")
+        main(args.generate)
+    except BaseException as e:
+        if args.debug or isinstance(e, SystemExit):
+            raise
+        sys.exit(f"error: {one_line(e)}")

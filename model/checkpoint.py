@@ -3,13 +3,27 @@
 A checkpoint is one directory:
 
     model.safetensors   the JointModel weights (tied weights stored once)
-    config.json         {"format_version", "model_config", "vocab_size", "weights_sha256", "extra"}
+    config.json         {"format_version", "model_config", "vocab_size", "weights_sha256",
+                         "tokenizer_sha256", "config_sha256", "extra"}
     tokenizer.json      the `tokenizers` JSON string
 
 `load_checkpoint(path)` alone rebuilds model + tokenizer; it reads only JSON and safetensors
 (never pickle) and raises `CheckpointError` naming the file and the problem when a file is
-missing, truncated, corrupt, tampered with (sha256 mismatch) or does not fit the config.
-The digest (sha256 over the three files, in a fixed order) identifies a checkpoint for provenance.
+missing, truncated, corrupt, edited after saving (sha256 mismatch), asks for sizes beyond
+`model.limits.CONFIG_LIMITS`, or does not fit the config.
+
+What the hashes cover. `weights_sha256` and `tokenizer_sha256` are the sha256 of those files'
+bytes; `config_sha256` is the sha256 of config.json's own content without that field (canonical
+JSON: sorted keys, no whitespace), so it covers the model config, vocab_size, extra and the two
+file hashes: one stored value vouches for all three files. An edit that keeps every shape (say
+`ddim_steps`), or a tokenizer of the same size with its ids shuffled, is refused on load.
+Format 1 (`LEGACY_FORMAT`, e.g. the committed checkpoints/default) recorded `weights_sha256`
+only: it still loads, with the weights checked and the config and tokenizer taken as they are.
+`save_checkpoint` always writes format 2.
+
+The digest (`checkpoint_digest`: sha256 over the three files' names, sizes and bytes, in a fixed
+order) identifies a checkpoint for provenance (run.json, manifests); it covers the config and
+the tokenizer as well as the weights, in both formats, and is unchanged by format 2.
 
 `save_state` / `load_state` store any dict of tensors plus JSON metadata the same way (e.g. the
 optimizer, see `optimizer_state_to_tensors`), so training resumes without pickle either.
@@ -35,10 +49,12 @@ from safetensors.torch import save as save_tensors
 from model import sampling
 from model.config import ModelConfig
 from model.io import atomic_write
+from model.limits import check_limits
 from model.networks import JointModel
 from model.tokenizer import CaptionTokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LEGACY_FORMAT = 1  # weights_sha256 only (module docstring)
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 FILES = (CONFIG, WEIGHTS, TOKENIZER)  # digest order
 
@@ -58,6 +74,12 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def config_sha256(meta: dict[str, Any]) -> str:
+    """sha256 of config.json's content without its `config_sha256` field (canonical JSON)."""
+    body = {k: v for k, v in meta.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def checkpoint_digest(path: str | os.PathLike) -> str:
@@ -98,21 +120,24 @@ def save_checkpoint(
         )
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write(root / WEIGHTS, save_tensors(_unique_state(model), metadata={"format": "pt"}))
+    tokenizer_bytes = tokenizer.to_json().encode()
     meta = {
         "format_version": FORMAT_VERSION,
         "model_class": "JointModel",
         "model_config": model.config.to_dict(),
         "vocab_size": model.vocab_size,
-        "weights_sha256": sha256_file(root / WEIGHTS),
+        "tokenizer_sha256": hashlib.sha256(tokenizer_bytes).hexdigest(),
         "extra": extra or {},
     }
-    try:
-        text = json.dumps(meta, indent=2, sort_keys=True)
+    try:  # checked before any file is written; hashed as it will read back (int keys become str)
+        meta = json.loads(json.dumps(meta))
     except TypeError as e:
         raise TypeError(f"checkpoint `extra` must be JSON-serializable: {e}") from e
-    atomic_write(root / CONFIG, text.encode())
-    atomic_write(root / TOKENIZER, tokenizer.to_json().encode())
+    atomic_write(root / WEIGHTS, save_tensors(_unique_state(model), metadata={"format": "pt"}))
+    meta["weights_sha256"] = sha256_file(root / WEIGHTS)
+    meta["config_sha256"] = config_sha256(meta)  # last: it covers every other field
+    atomic_write(root / CONFIG, json.dumps(meta, indent=2, sort_keys=True).encode())
+    atomic_write(root / TOKENIZER, tokenizer_bytes)
     return checkpoint_digest(root)
 
 
@@ -169,11 +194,11 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     for name in FILES:
         if not (root / name).is_file():
             raise CheckpointError(root / name, "missing from the checkpoint directory")
-    meta, config = _read_config(root / CONFIG)  # 1. format, model config, expected weights hash
-    tokenizer = _read_tokenizer(root / TOKENIZER, int(meta["vocab_size"]))  # 2. token ids
+    meta, config = _read_config(root / CONFIG)  # 1. format, config hash, limits, model config
+    tokenizer = _read_tokenizer(root / TOKENIZER, meta)  # 2. parse, hash, token count
     state = _read_weights(root / WEIGHTS, meta["weights_sha256"])  # 3. parse, hash, finite
-    model = JointModel(config, int(meta["vocab_size"]))  # 4. every key and shape checked first
-    _check_state(root / WEIGHTS, _unique_state(model), state, config)
+    _check_state(root / WEIGHTS, _expected_shapes(config, meta["vocab_size"]), state, config)  # 4. no memory yet
+    model = JointModel(config, meta["vocab_size"])
     model.load_state_dict(state, strict=False)  # tied weights arrive through their one stored copy
     model.to(device).eval()
     return Inkseed(
@@ -184,24 +209,55 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
 def _read_config(file: Path) -> tuple[dict[str, Any], ModelConfig]:
     meta = _read_json(file)
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(file, f"unsupported format_version {version!r} (this code reads {FORMAT_VERSION})")
-    for key in ("model_config", "vocab_size", "weights_sha256"):
+    if version not in (FORMAT_VERSION, LEGACY_FORMAT):
+        raise CheckpointError(
+            file, f"unsupported format_version {version!r} (this code reads {LEGACY_FORMAT} and {FORMAT_VERSION})"
+        )
+    hashes = ("weights_sha256",) if version == LEGACY_FORMAT else ("weights_sha256", "tokenizer_sha256", "config_sha256")
+    for key in ("model_config", "vocab_size", *hashes):
         if key not in meta:
             raise CheckpointError(file, f"missing field {key!r}")
+    if version == FORMAT_VERSION and config_sha256(meta) != meta["config_sha256"]:
+        raise CheckpointError(
+            file, "sha256 mismatch: its content differs from what was saved (config_sha256); "
+            "the config was edited after saving: restore it, or re-export the checkpoint",
+        )  # fmt: skip
+    try:
+        check_limits(meta["model_config"], meta["vocab_size"])  # before ModelConfig or a network
+    except ValueError as e:
+        raise CheckpointError(file, str(e)) from e
     try:
         return meta, ModelConfig.from_dict(meta["model_config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(file, f"invalid model_config ({e})") from e
 
 
-def _read_tokenizer(file: Path, vocab_size: int) -> CaptionTokenizer:
+def _expected_shapes(config: ModelConfig, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """Every stored weight's shape for this config, from a network built on the meta device (no
+    memory): a config that does not fit the file is refused before a real network is allocated."""
+    with torch.device("meta"):
+        model = JointModel(config, vocab_size)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    tied |= {n for n, _ in model.named_buffers(remove_duplicate=False)} - {n for n, _ in model.named_buffers()}
+    return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items() if k not in tied}
+
+
+def _read_tokenizer(file: Path, meta: dict[str, Any]) -> CaptionTokenizer:
     try:
-        tokenizer = CaptionTokenizer.from_json(file.read_text())
+        data = file.read_bytes()
+        tokenizer = CaptionTokenizer.from_json(data.decode())
     except Exception as e:  # tokenizers raises plain Exception subclasses
         raise CheckpointError(file, f"not a valid tokenizer ({e})") from e
-    if tokenizer.vocab_size != vocab_size:
-        raise CheckpointError(file, f"has {tokenizer.vocab_size} tokens but config.json says vocab_size={vocab_size}")
+    expected = meta.get("tokenizer_sha256")
+    if meta["format_version"] == FORMAT_VERSION and hashlib.sha256(data).hexdigest() != expected:
+        raise CheckpointError(
+            file, f"sha256 mismatch: config.json expects {str(expected)[:16]}... "
+            "(the tokenizer was modified or replaced: its token ids would not match the weights)",
+        )  # fmt: skip
+    if tokenizer.vocab_size != meta["vocab_size"]:
+        raise CheckpointError(
+            file, f"has {tokenizer.vocab_size} tokens but config.json says vocab_size={meta['vocab_size']}"
+        )
     return tokenizer
 
 
@@ -216,7 +272,7 @@ def _read_weights(file: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
     if actual != expected_sha256:
         raise CheckpointError(
             file,
-            f"sha256 mismatch: config.json expects {expected_sha256[:16]}..., file has {actual[:16]}... "
+            f"sha256 mismatch: config.json expects {str(expected_sha256)[:16]}..., file has {actual[:16]}... "
             "(the weights were modified or replaced)",
         )
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -226,13 +282,13 @@ def _read_weights(file: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
 
 
 def _check_state(
-    file: Path, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], config: ModelConfig
+    file: Path, expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], config: ModelConfig
 ) -> None:
     where = f"(config.json: image_size={config.image_size}, z_dim={config.z_dim}, channels={list(config.channels)})"
     bad = [
-        f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
+        f"{k}: file {tuple(state[k].shape)} vs config {shape}"
+        for k, shape in expected.items()
+        if k in state and tuple(state[k].shape) != shape
     ]
     if bad:
         raise CheckpointError(file, f"shape mismatch with {where} in {len(bad)} weight(s): " + "; ".join(bad[:3]))

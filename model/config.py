@@ -18,6 +18,10 @@ def _default_loss_weights() -> dict[str, float]:
     return {
         # Per-pixel L1 is the main reconstruction term: L1 keeps edges sharper than MSE.
         "image_l1": 1.0,
+        # Per-pixel binary cross-entropy of ink (image_nets: ink probability sigmoid(-2u) of the
+        # pre-tanh output u). 0 here: the hatched engravings are half ink. Sparse line art needs
+        # it: there L1 through tanh saturates to blank paper (the median) and stops learning.
+        "image_bce": 0.0,
         # L1 on x/y finite differences: hatching is 1-2 px lines, whose gradients L1 alone
         # under-weights; this term is what keeps lines from averaging to gray.
         "image_grad": 1.0,
@@ -221,6 +225,9 @@ PRESETS: dict[str, ModelConfig] = {
         embed_dim=256,
         prior_width=1024,
         prior_depth=6,
+        # The real-data design of issue 13 (docs/quality.md, the OpenMoji ablation): today's
+        # decoder trained with the ink cross-entropy instead of L1 + gradient L1.
+        loss_weights={"image_l1": 0.0, "image_grad": 0.0, "image_bce": 1.0},
     ),
 }
 

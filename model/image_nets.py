@@ -151,7 +151,14 @@ class ImageDecoder(nn.Module):
     def forward(
         self, z: torch.Tensor, detail: torch.Tensor | None = None, noise: list[torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """noise: one (B, 1, s, s) map per stage (4x4 first), or None (no noise: its mean)."""
+        """Images (B, S, S) in [-1, 1]: tanh of `logits`."""
+        return torch.tanh(self.logits(z, detail, noise))
+
+    def logits(
+        self, z: torch.Tensor, detail: torch.Tensor | None = None, noise: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The pre-tanh output u (B, S, S) float32: image = tanh(u), ink probability sigmoid(-2u).
+        noise: one (B, 1, s, s) map per stage (4x4 first), or None (no noise: its mean)."""
         b = z.shape[0]
         x = self._inject(self.base(self.fc(z).view(b, self.c0, 4, 4)), 0, detail, noise)  # (B, C_0, 4, 4)
         for i, stage in enumerate(self.stages, start=1):
@@ -160,7 +167,7 @@ class ImageDecoder(nn.Module):
         if self.k:
             gates = torch.sigmoid(self.gate(h))  # (B, k, S, S)
             h = torch.cat([h, gates * self.textures.to(h.dtype)], dim=1)  # (B, C + k, S, S)
-        return torch.tanh(self.out(h)[:, 0].float())  # (B, S, S)
+        return self.out(h)[:, 0].float()  # (B, S, S)
 
 
 def noise_sizes(cfg: ModelConfig) -> list[int]:

@@ -182,9 +182,16 @@ class JointModel(nn.Module):
         d = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
         return d * m_img[:, None, None, None], kl
 
-    def _image_terms(self, recon: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Reconstruction terms, plus the hinge terms when the model has a discriminator."""
+    def _image_terms(self, logits: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Reconstruction terms of the decoder's pre-tanh output, plus the hinge terms when the
+        model has a discriminator. `image_bce` (when weighted) reads each pixel as ink with
+        probability sigmoid(-2u): unlike L1 through tanh, its gradient does not vanish where the
+        decoder has saturated to blank paper, the L1 median of sparse line art."""
+        recon = torch.tanh(logits)
         out = {"image_l1": (recon - images).abs().mean(), "image_grad": gradient_l1(recon, images)}
+        if self.config.loss_weights["image_bce"]:
+            ink = (1 - images) / 2  # (B, S, S) in [0, 1]
+            out["image_bce"] = F.binary_cross_entropy_with_logits(-2 * logits, ink)
         if self.config.disc_channels and self.training:
             out["disc"], g_loss = adversarial_terms(self.discriminator, images, recon)
             self.train_steps += 1
@@ -219,10 +226,11 @@ class JointModel(nn.Module):
         noise = torch.randn(b, self.noise_dim - self.latent_dim, device=z.device) if cfg.noise_maps and self.training else None
 
         # 3. Decode both modalities from the same latent.
-        recon = self.decode_image(z, detail, noise)  # (B, S, S) float32
+        u = self.image_decoder.logits(z, detail, split_noise(noise, cfg) if noise is not None else None)
+        recon = torch.tanh(u)  # (B, S, S) float32
         logits = self.caption_decoder(z, tokens[:, :-1])  # (B, T-1, V)
 
-        out = self._image_terms(recon, images.float())
+        out = self._image_terms(u, images.float())
         out["caption_ce"], acc = caption_cross_entropy(logits.float(), tokens[:, 1:], PAD_ID)
         out["kl"], kl_loss = kl_to_standard_normal(mu, logvar, cfg.free_bits)
         if cfg.detail_channels:

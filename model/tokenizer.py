@@ -3,6 +3,10 @@
 Specials have fixed ids: [PAD]=0, [BOS]=1, [EOS]=2, [UNK]=3. Text is lowercased and split on
 whitespace and punctuation. `encode` gives `bos w1 ... wn eos pad ...` of a fixed length;
 `decode` stops at the first eos and drops specials.
+
+Only `encode` places specials. A special's spelling typed in a caption ("[EOS]", "[PAD]", ...) is
+ordinary text: it is split like any other, into "[", the word ("eos", lowercased) and "]", each
+its vocabulary id or [UNK]. So a caption can never end itself early or smuggle padding in.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ class CaptionTokenizer:
         for i, tok in enumerate(SPECIALS):
             if tokenizer.token_to_id(tok) != i:
                 raise ValueError(f"tokenizer must map {tok} to id {i}, got {tokenizer.token_to_id(tok)}")
+        # Specials in the input text are text (module docstring). A runtime switch of `tokenizers`,
+        # not saved in its JSON: set on every tokenizer built here, trained or loaded.
+        tokenizer.encode_special_tokens = True
         self._tok = tokenizer
         self._punctuation: torch.Tensor | None = None  # punctuation_mask(), made on first use
 

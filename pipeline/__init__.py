@@ -11,6 +11,7 @@ data/          datasets in: the embedded procedural engravings, and any user's i
     engrave.py     the procedural dataset: `make_sample`, `render_dataset` (imagefolder + contact sheet)
     openmoji.py    the real line-art development set: OpenMoji's black SVGs rasterized, captions by one rule
     sources.py     the input formats read on the driver: image folders, Parquet; captions cleaned
+    paths.py       where a row may point (inside the dataset) and bounded, retried image reads
     decode.py      image decoding inside Ray Data tasks (bad rows marked, never raised)
     ingest.py      `read_dataset` / `load_dataset`: a Ray Dataset of model-ready rows, skip counts printed
 
@@ -26,8 +27,11 @@ training/      Ray Train: DDP training of the joint model, then the latent prior
 generation/    Ray Data: mass generation with exactly-once resume
     config.py      `GenerateConfig` (every field a flag of jobs.generate)
     sampler.py     seeds from row numbers, the `SampleBatch` actor, the actor pool
-    manifest.py    output layout, Parquet schema, run.json, shards, validation
-    run.py         `run_generation`: checks, run identity, the driver loop writing manifest parts
+    manifest.py    output layout, Parquet schema and part metadata, run.json, shards
+    lease.py       one writer per output: the lease (run_id, heartbeat), refusal, stale takeover
+    verify.py      which parts are done (resume), complete (end of run), sound (`--verify`, on Ray)
+    errors.py      the one-line `error: ...` of the jobs, errors of Ray tasks rebuilt on the driver
+    run.py         `run_generation`: checks, lease, run identity, the driver loop writing parts, repair
 
 evaluation/    quality, measured (jobs.evaluate)
     config.py      `EvaluateConfig` (every field a flag of jobs.evaluate)

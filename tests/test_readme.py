@@ -17,7 +17,7 @@ from pipeline.generation.manifest import SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
-JOBS = ("prepare_data", "train", "generate", "evaluate")
+JOBS = ("prepare_data", "train", "generate", "evaluate", "sample", "demo", "export", "verify")
 
 
 def section(title_start: str) -> str:

@@ -1,7 +1,8 @@
 """The dataset formats ingestion reads, on the driver: image folders (metadata.jsonl / .csv) and
 Parquet, locally or on s3://, turned into one row table (file name, caption, attributes, skip
-reason, image URI or bytes). Captions are cleaned here; images are decoded later in Ray Data
-tasks (pipeline/data/decode.py). The format rules are in pipeline/data/ingest.py's docstring.
+reason, image URI or bytes). Captions are cleaned here and image paths confined to the dataset
+(pipeline/data/paths.py); images are decoded later in Ray Data tasks (pipeline/data/decode.py).
+The format rules are in pipeline/data/ingest.py's docstring.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.data.paths import resolve_image_path
 
 if TYPE_CHECKING:
     from model.tokenizer import CaptionTokenizer
 
-SkipReason = Literal["missing_file", "unreadable_image", "empty_caption", "non_utf8", "bad_metadata"]
 Split = Literal["train", "val", "all"]
-SkipReason = Literal["missing_file", "unreadable_image", "empty_caption", "non_utf8", "bad_metadata"]
+SkipReason = Literal[
+    "missing_file", "unreadable_image", "empty_caption", "non_utf8", "bad_metadata",
+    "bad_path", "too_large", "read_error", "duplicate",
+]  # fmt: skip
 CAPTION_COLUMNS = ("text", "caption")  # accepted caption column names, in order of preference
 IMAGE_COLUMNS = ("image", "image_bytes", "image_path", "file_name", "path")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -44,10 +48,8 @@ ROW_SCHEMA = pa.schema(
 )
 
 
-
 class DatasetError(ValueError):
     """A dataset that cannot be ingested: missing path or column, empty, or too many bad rows."""
-
 
 
 @functools.lru_cache(maxsize=2)
@@ -68,14 +70,17 @@ def split_of(file_name: str) -> Literal["train", "val"]:
 
 def clean_caption(raw: Any, max_words: int, tokenizer: CaptionTokenizer | None = None) -> tuple[str, str]:
     """(caption, status): status "" when fine, "truncated" when cut to `max_words` words (tokens
-    when a tokenizer is given), else the SkipReason of a caption that cannot be used."""
+    when a tokenizer is given), else the SkipReason of a caption that cannot be used: missing
+    (None) is `empty_caption`, a number, list or object is `bad_metadata`."""
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError:
             return "", "non_utf8"
-    if not isinstance(raw, str):
+    if raw is None:
         return "", "empty_caption"
+    if not isinstance(raw, str):
+        return "", "bad_metadata"
     try:
         raw.encode("utf-8")  # metadata read with surrogateescape keeps invalid bytes as surrogates
     except UnicodeEncodeError:
@@ -98,25 +103,21 @@ def clean_caption(raw: Any, max_words: int, tokenizer: CaptionTokenizer | None =
 # ---------------------------------------------------------------- input formats
 
 
-def _resolve(root: str, path: str) -> str:
-    """An image path from metadata: absolute and s3:// as is, else relative to `root`."""
-    if storage.is_s3(path) or os.path.isabs(path):
-        return path
-    return storage.join(root, path)
-
-
 def _read_metadata(uri: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of metadata.jsonl / metadata.csv (invalid bytes kept as surrogates) and the columns."""
+    """Rows of metadata.jsonl / metadata.csv (invalid bytes kept as surrogates, a leading BOM
+    dropped) and the columns. A row that does not parse (bad JSON, not an object, a CSV row with
+    more fields than the header) is {"__bad__": True}."""
     for name in METADATA_FILES:
         path = storage.join(uri, name)
         if not storage.exists(path):
             continue
-        text = storage.read_bytes(path).decode("utf-8", errors="surrogateescape")
+        text = storage.read_bytes(path).decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
         if name.endswith(".csv"):
-            reader = csv.DictReader(io.StringIO(text, newline=""))
-            return list(reader), list(reader.fieldnames or [])
+            return _read_csv(text, path)
         rows: list[dict[str, Any]] = []
-        for line in text.splitlines():
+        # JSON Lines ends lines with "\n" only: str.splitlines() would also split at U+2028,
+        # U+0085 and other separators that are legal inside a JSON string.
+        for line in text.split("\n"):
             if not line.strip():
                 continue
             try:
@@ -129,6 +130,17 @@ def _read_metadata(uri: str) -> tuple[list[dict[str, Any]], list[str]]:
     raise DatasetError(f"{uri}: no {' or '.join(METADATA_FILES)} (expected an image folder or Parquet)")
 
 
+def _read_csv(text: str, path: str) -> tuple[list[dict[str, Any]], list[str]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows: list[dict[str, Any]] = []
+    try:
+        for row in reader:  # extra fields land under the key None: the row does not fit the header
+            rows.append({"__bad__": True} if None in row else row)
+    except csv.Error as e:  # a NUL byte, a field over the csv module's size limit
+        raise DatasetError(f"{path}: line {reader.line_num} is not valid CSV ({e})") from e
+    return rows, list(reader.fieldnames or [])
+
+
 def _pick_caption_column(columns: list[str], uri: str, caption_column: str | None) -> str:
     wanted = (caption_column,) if caption_column else CAPTION_COLUMNS
     for c in wanted:
@@ -138,32 +150,44 @@ def _pick_caption_column(columns: list[str], uri: str, caption_column: str | Non
 
 
 def imagefolder_rows(
-    uri: str, split: Split, max_words: int, tokenizer: CaptionTokenizer | None, caption_column: str | None
+    uri: str,
+    split: Split,
+    max_words: int,
+    tokenizer: CaptionTokenizer | None,
+    caption_column: str | None,
+    allow_external: bool = False,
 ) -> pa.Table:
     rows, columns = _read_metadata(uri)
     cap_col = _pick_caption_column(columns, uri, caption_column)
     if "file_name" not in columns:
         raise DatasetError(f"{uri}: metadata has no 'file_name' column (columns: {columns})")
     out: dict[str, list] = {k: [] for k in ROW_SCHEMA.names}
-    for row in rows:
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
         name = row.get("file_name")
+        image_uri = None
         if row.get("__bad__") or not isinstance(name, str) or not name:
-            caption, status, name = "", "bad_metadata", f"bad-metadata-row-{len(out['file_name'])}"
+            caption, status, name = "", "bad_metadata", f"bad-metadata-row-{i}"
+        elif _safe_str(name) in seen:
+            caption, status = "", "duplicate"  # the first row of a file name is the one kept
         else:
             caption, status = clean_caption(row.get(cap_col), max_words, tokenizer)
+            image_uri, bad = resolve_image_path(uri, name, allow_external)
+            status = bad or status
         name = _safe_str(name)
+        seen.add(name)
         if split != "all" and split_of(name) != split:
             continue
         extra = {
-            k: _safe_str(v) if isinstance(v, str) else v
+            str(k): _safe_str(v) if isinstance(v, str) else v
             for k, v in row.items()
-            if k not in ("file_name", cap_col)
+            if k not in ("file_name", cap_col, "__bad__")
         }
         out["file_name"].append(name)
         out["caption"].append(caption)
         out["attributes"].append(json.dumps(extra, sort_keys=True, default=str))
         out["skip"].append(status)
-        out["image_uri"].append(_resolve(uri, name))
+        out["image_uri"].append(image_uri)
         out["image_bytes"].append(None)
     return pa.table(out, schema=ROW_SCHEMA)
 
@@ -184,6 +208,8 @@ class ParquetLayout:
 
 
 def parquet_layout(uri: str, caption_column: str | None) -> ParquetLayout:
+    """Which columns hold the caption, the image and the file name; DatasetError naming the column
+    when one has the wrong type (numbers as captions, image bytes stored as strings)."""
     if storage.is_dir(uri):
         files, root = storage.list_files(uri, ".parquet"), uri
         if not files:
@@ -198,6 +224,9 @@ def parquet_layout(uri: str, caption_column: str | None) -> ParquetLayout:
         schema = pq.read_schema(f)
     columns = schema.names
     caption = _pick_caption_column(columns, uri, caption_column)
+    if not _is_text(schema.field(caption).type, binary_ok=True):
+        kind = schema.field(caption).type
+        raise DatasetError(f"{uri}: caption column {caption!r} has type {kind}; captions must be strings")
     for image in IMAGE_COLUMNS:
         if image not in columns:
             continue
@@ -206,8 +235,12 @@ def parquet_layout(uri: str, caption_column: str | None) -> ParquetLayout:
             kind = "bytes"
         elif pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:
             kind = "struct"
-        elif pa.types.is_string(t) or pa.types.is_large_string(t):
+            inner = t.field("bytes").type
+            if not (pa.types.is_binary(inner) or pa.types.is_large_binary(inner)):
+                raise DatasetError(f"{uri}: column {image!r} stores its image bytes as {inner}; write them as binary")
+        elif _is_text(t):
             kind = "path"
+            _refuse_bytes_as_strings(files[0], image, uri)
         else:
             continue
         name = "file_name" if "file_name" in columns and image != "file_name" else None
@@ -217,8 +250,36 @@ def parquet_layout(uri: str, caption_column: str | None) -> ParquetLayout:
     )
 
 
+def _is_text(t: pa.DataType, binary_ok: bool = False) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return (
+        pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", bool)(t)
+        or (binary_ok and (pa.types.is_binary(t) or pa.types.is_large_binary(t)))
+    )  # fmt: skip
+
+
+def _refuse_bytes_as_strings(file: str, column: str, uri: str) -> None:
+    """A string column read as paths must hold paths: its first values are checked, so image bytes
+    decoded into strings give one clear error instead of a bad_path per row."""
+    fs, path = storage.filesystem(file)
+    with fs.open_input_file(path) as f:
+        first = next(pq.ParquetFile(f).iter_batches(batch_size=8, columns=[column]), None)
+    values = [v for v in (first.column(0).to_pylist() if first is not None else []) if v]
+    if any(not str(v).isprintable() for v in values):
+        raise DatasetError(
+            f"{uri}: column {column!r} is a string column that holds binary data (image bytes stored as "
+            "strings?); write image bytes as binary, or paths as plain text"
+        )
+
+
 def parquet_rows(
-    table: pa.Table, layout: ParquetLayout, split: Split, max_words: int, tokenizer_json: str | None
+    table: pa.Table,
+    layout: ParquetLayout,
+    split: Split,
+    max_words: int,
+    tokenizer_json: str | None,
+    allow_external: bool = False,
 ) -> pa.Table:
     """Ray map_batches (pyarrow): Parquet columns -> the shared intermediate rows."""
     tokenizer = tokenizer_from_json(tokenizer_json) if tokenizer_json else None
@@ -236,20 +297,39 @@ def parquet_rows(
             data, path = (image or {}).get("bytes"), (image or {}).get("path")
         else:
             path = image
-        name = name or path or f"sha1:{hashlib.sha1(data or b'').hexdigest()}"
+        path = path if isinstance(path, str) and path else None
+        if name is None or name == "":
+            name = path or f"sha1:{hashlib.sha1(data or b'').hexdigest()}"  # no name: the content's hash
+        name = str(name)  # an integer id column is a name too
         if split != "all" and split_of(name) != split:
             continue
         caption, status = clean_caption(raw, max_words, tokenizer)
-        if data is None and not path:
+        image_uri = None
+        if data is None and path:
+            image_uri, bad = resolve_image_path(layout.root, path, allow_external)
+            status = bad or status
+        elif data is None:
             status = status if status not in ("", "truncated") else "missing_file"
-        out["file_name"].append(name)
+        out["file_name"].append(_safe_str(name))
         out["caption"].append(caption)
         scalars = {c: v[i] for c, v in extra_cols.items() if isinstance(v[i], (str, int, float, bool))}
         out["attributes"].append(json.dumps(scalars, sort_keys=True))  # no blobs in attributes
         out["skip"].append(status)
-        out["image_uri"].append(_resolve(layout.root, path) if data is None and path else None)
+        out["image_uri"].append(image_uri)
         out["image_bytes"].append(data)
     return pa.table(out, schema=ROW_SCHEMA)
+
+
+def first_occurrences(names: list[str]) -> list[bool]:
+    """True where a name is seen for the first time. Names made from an image's content hash
+    ("sha1:...", Parquet without file names) always count as first: several captions of the same
+    image bytes are several rows, not duplicates."""
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        out.append(name.startswith("sha1:") or name not in seen)
+        seen.add(name)
+    return out
 
 
 def is_imagefolder(uri: str) -> bool:

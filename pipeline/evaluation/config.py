@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from model.sampling import Device
 from pipeline import storage
+from pipeline.data.paths import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.evaluation.freeform import ContrastiveProbeConfig
 from pipeline.evaluation.probe import ProbeConfig
 
@@ -29,6 +30,13 @@ class EvaluateConfig:
     # Dataset URI (image folder with metadata.jsonl, or Parquet; local or s3://): its val split is
     # the held-out real data, its train split trains the probe and is the "copied verbatim" set.
     data: str = "data/engravings"
+    # Read image paths outside the dataset's folder (absolute paths, other prefixes or buckets);
+    # off, such rows are skipped as bad_path (pipeline/data/paths.py).
+    allow_external_paths: bool = False
+    # Image files larger than this many bytes are skipped as too_large, unread.
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    # Images of more pixels (width x height) than this are skipped as too_large, undecoded.
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     # Output folder (local or s3://): report.json, contact_sheet.png, contact_sheet.html.
     out: str = "eval"
     # N: seeds seed_start .. seed_start + num_seeds - 1 are generated and measured.
@@ -67,6 +75,8 @@ class EvaluateConfig:
             "determinism_seeds must be >= 1": self.determinism_seeds >= 1,
             "contact_seeds must be >= 1": self.contact_seeds >= 1,
             "retrieval_k must be >= 2": self.retrieval_k >= 2,
+            "max_image_bytes must be >= 1": self.max_image_bytes >= 1,
+            "max_image_pixels must be >= 1": self.max_image_pixels >= 1,
             "device must be auto, cpu or cuda": self.device in ("auto", "cpu", "cuda"),
         }
         for message, ok in checks.items():

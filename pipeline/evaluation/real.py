@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -56,13 +56,15 @@ def grammar_attributes(raw: dict, spec: dict[str, tuple[str, ...]] = ATTRIBUTES)
     return out
 
 
-def load_real(uri: str, image_size: int, split: Literal["train", "val"]) -> RealSet:
+def load_real(uri: str, image_size: int, split: Literal["train", "val"], limits: Any = None) -> RealSet:
     """Every row of one split of a dataset (any format pipeline/data/ingest.py reads), sorted by file name
-    so the same dataset always gives the same order."""
-    from pipeline.data.ingest import read_dataset  # Ray Data; imported here so the probe itself needs no Ray
+    so the same dataset always gives the same order. `limits`: a config with the ingestion limits
+    (EvaluateConfig's allow_external_paths, max_image_bytes, max_image_pixels); None = the defaults."""
+    from pipeline.data.ingest import read_dataset, read_options  # Ray Data; so the probe itself needs no Ray
 
     # No caption truncation: a cut caption would no longer parse in the grammar.
-    ds = read_dataset(uri, image_size=image_size, split=split, max_caption_tokens=1024)
+    options = read_options(limits) if limits is not None else {}
+    ds = read_dataset(uri, image_size=image_size, split=split, max_caption_tokens=1024, **options)
     images, captions, names, attrs = [], [], [], []
     for batch in ds.iter_batches(batch_size=512, batch_format="numpy"):
         images.append(to_uint8(np.asarray(batch["image"], dtype=np.float32)))  # (B, S, S) in [-1, 1] -> uint8

@@ -70,10 +70,10 @@ from pipeline.evaluation.sections import (
 from pipeline.evaluation.targets import check_targets, format_table
 
 
-def _read_train_captions(uri: str) -> list[str]:
-    from pipeline.data.ingest import read_captions
+def _read_train_captions(cfg: EvaluateConfig) -> list[str]:
+    from pipeline.data.ingest import read_captions, read_options
 
-    return read_captions(uri, split="train")
+    return read_captions(cfg.data, split="train", **read_options(cfg))
 
 
 def applicability(val: RealSet) -> dict[str, str | None]:
@@ -182,10 +182,10 @@ def open_inputs(cfg: EvaluateConfig, log: Log) -> tuple[Inkseed, EvaluateConfig,
     size = ink.config.image_size
     cfg = replace(cfg, probe=replace(cfg.probe, image_size=size), contrastive=replace(cfg.contrastive, image_size=size))
     log(f"evaluate: checkpoint {cfg.checkpoint} ({size}px, digest {ink.digest[:12]}), data {cfg.data}")
-    splits = {"val": load_real(cfg.data, size, "val")}
+    splits = {"val": load_real(cfg.data, size, "val", cfg)}
     if needs_training(cfg, with_attribute_probe=applicability(splits["val"])["attributes"] is None):
-        splits["train"] = load_real(cfg.data, size, "train")
-    return ink, cfg, splits, _read_train_captions(cfg.data)
+        splits["train"] = load_real(cfg.data, size, "train", cfg)
+    return ink, cfg, splits, _read_train_captions(cfg)
 
 
 def needs_training(cfg: EvaluateConfig, with_attribute_probe: bool) -> bool:

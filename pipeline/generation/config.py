@@ -45,8 +45,17 @@ class GenerateConfig:
     bf16: bool | None = None
     # DDIM steps of the latent prior; None = the checkpoint's ddim_steps. Changes the samples.
     steps: int | None = None
-    # Discard an existing output (run.json, manifest/, images/) and start fresh.
+    # Discard an existing output (run.json, manifest/, images/) and start fresh. Refused while
+    # another run holds the output's lease.
     overwrite: bool = False
+    # Generate nothing: check this command's output (every part's schema, run_id, digest and seeds,
+    # every image's existence and sha256, in parallel on Ray), print the report, fail if damaged.
+    verify: bool = False
+    # Verify, regenerate the damaged and missing shards, then verify again.
+    repair: bool = False
+    # Seconds without a heartbeat after which a run's lease on the output counts as abandoned and
+    # the next run takes it over (at once when the holder ran on this host and has exited).
+    lease_ttl: float = 60.0
     # Threads per actor that encode PNGs and write them: S3 PUT latency is what they hide.
     io_threads: int = 8
     # torch intra-op threads per CPU actor; None = the node's CPUs divided by max_actors (at least
@@ -71,6 +80,8 @@ class GenerateConfig:
             "io_threads must be >= 1": self.io_threads >= 1,
             "torch_threads must be >= 1": self.torch_threads is None or self.torch_threads >= 1,
             "device must be auto, cpu or cuda": self.device in ("auto", "cpu", "cuda"),
+            "lease_ttl must be >= 1 second": self.lease_ttl >= 1,
+            "give at most one of --verify, --repair and --overwrite": self.verify + self.repair + self.overwrite <= 1,
         }
         for message, ok in checks.items():
             if not ok:

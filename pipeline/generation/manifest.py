@@ -10,8 +10,13 @@ Shards are the unit of exactly-once. The run's seeds are a sequence (a range
 `seed_start, seed_start+1, ...` or the lines of a seeds file, in file order); shard k holds the
 seeds at positions [k * shard_size, (k+1) * shard_size) of that sequence. For a range starting at 0
 this is simply `shard = seed // shard_size`. A part file is written only once its shard is complete,
-atomically (temp file + rename locally, a single object PUT on S3), so a part that exists is a
-complete shard and a rerun regenerates exactly the shards that have none.
+atomically (temp file + fsync + rename locally, a single object PUT on S3), after its PNGs.
+
+A part counts as done only when it is readable and its key-value metadata (`PART_META`: run_id,
+model digest, shard, row count) match run.json and the shard: a rerun regenerates the shards whose
+part is missing, truncated, unreadable or from another run (pipeline/generation/verify.py checks
+parts; `--verify` also every image's bytes). OUT/lease.json says which run writes OUT right now
+(pipeline/generation/lease.py).
 
 `image_path` in the manifest is relative to OUT ("images/00003/31337.png"), so an output can be
 moved or copied from S3 without rewriting its manifest; join it onto OUT to open the image.
@@ -24,7 +29,6 @@ import hashlib
 import io
 import json
 import math
-import posixpath
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +77,9 @@ WORKER_COLUMNS = (
 )
 
 _PART_RE = re.compile(r"^part-(\d+)\.parquet$")
+
+# Parquet key-value metadata of every part: which run and checkpoint wrote it, and for which shard.
+PART_META = ("inkseed.run_id", "inkseed.model_digest", "inkseed.shard", "inkseed.rows")
 
 # Settings that change which bytes a seed produces or where they go: a rerun must match them to
 # resume the output, any other setting (batch size, actors, device) may differ between runs.
@@ -182,45 +189,32 @@ def part_uri(out: str, shard: int) -> str:
     return storage.join(out, "manifest", f"part-{shard_name(shard)}.parquet")
 
 
-def completed_shards(out: str) -> set[int]:
-    """Shards that have a manifest part (temp files of an interrupted write do not match)."""
-    names = (uri.rsplit("/", 1)[-1] for uri in storage.list_files(storage.join(out, "manifest")))
-    return {int(m.group(1)) for m in map(_PART_RE.match, names) if m}
+def part_shards(out: str) -> dict[int, str]:
+    """shard -> part URI, for every part-<shard>.parquet in OUT/manifest (done or not: temp files of
+    an interrupted write do not match)."""
+    found = {}
+    for uri in storage.list_files(storage.join(out, "manifest")):
+        m = _PART_RE.match(uri.rsplit("/", 1)[-1])
+        if m:
+            found[int(m.group(1))] = uri
+    return found
 
 
 def write_part(out: str, shard: int, columns: dict[str, list], model_digest: str, run_id: str) -> None:
-    """Write one complete shard's rows as manifest/part-<shard>.parquet, sorted by seed, atomically."""
+    """Write one complete shard's rows as manifest/part-<shard>.parquet, sorted by seed, atomically
+    and durably: its images' folder is fsynced first, so a part on disk implies its PNGs are."""
     n = len(columns["seed"])
     arrays = {name: pa.array(columns[name], type=SCHEMA.field(name).type) for name in WORKER_COLUMNS}
     arrays["model_digest"] = pa.array([model_digest] * n, type=pa.string())
     arrays["run_id"] = pa.array([run_id] * n, type=pa.string())
     table = pa.Table.from_arrays([arrays[f.name] for f in SCHEMA], schema=SCHEMA).sort_by("seed")
+    meta = dict(zip(PART_META, (run_id, model_digest, str(shard), str(n))))
+    table = table.replace_schema_metadata(meta)
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(part_uri(out, shard), buf.getvalue())
-
-
-def validate(out: str, plan: SeedPlan) -> int:
-    """Check that every shard has its part with exactly its seeds, once each, sorted; return the row
-    count. Reads only the seed column, one part at a time, so memory stays that of one shard."""
-    fs, root = storage.filesystem(out)
-    missing = sorted(set(range(plan.num_shards)) - completed_shards(out))
-    if missing:
-        raise ManifestError(
-            f"{out}: manifest parts missing for shards {missing[:10]} ({len(missing)} in all)"
-        )
-    rows = 0
-    for shard in range(plan.num_shards):
-        path = posixpath.join(root, "manifest", f"part-{shard_name(shard)}.parquet")
-        got = pq.read_table(path, columns=["seed"], filesystem=fs)["seed"].to_numpy()
-        expected = np.sort(plan.shard_seeds(shard))
-        if not np.array_equal(got, expected):
-            raise ManifestError(
-                f"{part_uri(out, shard)}: holds {len(got)} seeds, expected the {len(expected)} seeds of shard "
-                f"{shard} once each, sorted"
-            )
-        rows += len(got)
-    return rows
+    # Page checksums: a flipped bit inside the file fails verification instead of reading as data.
+    pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
+    storage.sync_dir(storage.join(out, "images", shard_name(shard)))
+    storage.write_bytes(part_uri(out, shard), buf.getvalue(), durable=True)
 
 
 def run_info(
@@ -248,14 +242,42 @@ def run_info(
 
 
 def read_run(out: str) -> dict[str, Any] | None:
+    """OUT/run.json, or None when there is none; ManifestError naming it when it is damaged."""
     uri = storage.join(out, "run.json")
     if not storage.exists(uri):
         return None
-    return json.loads(storage.read_bytes(uri))
+    try:
+        info = json.loads(storage.read_bytes(uri))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ManifestError(
+            f"{uri} is not valid JSON ({e}): restore it from a copy, or pass --overwrite to discard this output"
+        ) from None
+    missing = [k for k in (*IDENTITY_KEYS, "run_id") if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise ManifestError(
+            f"{uri} lacks {', '.join(missing)}: restore it from a copy, or pass --overwrite to discard this output"
+        )
+    return info
 
 
 def write_run(out: str, info: dict[str, Any]) -> None:
-    storage.write_bytes(storage.join(out, "run.json"), json.dumps(info, indent=2, sort_keys=False).encode())
+    data = json.dumps(info, indent=2, sort_keys=False).encode()
+    storage.write_bytes(storage.join(out, "run.json"), data, durable=True)
+
+
+def plan_of_run(info: dict[str, Any], seeds_file: str | None = None) -> SeedPlan:
+    """The seed plan run.json describes; a seeds-file run rereads its file (or `seeds_file`) and
+    checks that it still holds the same seeds."""
+    seeds, shard_size = info["seeds"], int(info["shard_size"])
+    if seeds.get("kind") == "range":
+        return range_plan(int(seeds["seed_start"]), int(seeds["num_seeds"]), shard_size)
+    plan = file_plan(seeds_file or seeds["uri"], shard_size)
+    if plan.describe()["sha256"] != seeds.get("sha256"):
+        raise SeedsFileError(
+            f"seeds file {plan.source} no longer holds the run's seeds (sha256 differs from run.json): "
+            "give the original file with --seeds-file"
+        )
+    return plan
 
 
 def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -15,17 +15,17 @@ import datetime as dt
 import hashlib
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 import ray
 import torch
 
-from model.checkpoint import load_checkpoint_files
+from model.checkpoint import Inkseed, load_checkpoint_files
 from model.images import png_bytes
-from model.sampling import Device, available_cpus, resolve_device
+from model.sampling import Device, Samples, available_cpus, resolve_device
 from pipeline import storage
-from pipeline.generation import manifest
+from pipeline.generation import lease, manifest
 from pipeline.generation.config import GenerateConfig, GenerateError
 from pipeline.generation.manifest import SeedPlan
 
@@ -44,11 +44,46 @@ def _assign_seeds(batch: dict[str, np.ndarray], plan: SeedPlan, pending: np.ndar
     return {"seed": plan.seeds_at(position[keep]), "shard": shard[keep].astype(np.int32)}
 
 
+def generate_seeds(
+    ink: Inkseed,
+    seeds: list[int],
+    batch_size: int,
+    *,
+    steps: int | None,
+    bf16: bool | None,
+    temperature: float = 0.0,
+    beams: int = 1,
+) -> Samples:
+    """The model call behind every manifest row (jobs.sample and jobs.demo make theirs with it too).
+
+    Each call runs a full batch of `batch_size` rows: a short batch is padded with copies of its
+    last seed and the copies dropped. CPU kernels pick another reduction order for a handful of
+    rows, which moves a few pixels by 1/255; a fixed batch shape keeps a seed's PNG bytes the same
+    whatever batch it lands in (a run's last partial batch, one seed alone in the demo).
+    temperature / beams: caption decoding (jobs.generate keeps the defaults: greedy).
+    """
+    pad = [seeds[-1]] * (batch_size - len(seeds)) if seeds else []
+    with torch.inference_mode():
+        samples = ink.generate(list(seeds) + pad, steps=steps, autocast=bf16, temperature=temperature, beams=beams)
+    n = len(seeds)
+    samples.images, samples.alignment, samples.z = samples.images[:n], samples.alignment[:n], samples.z[:n]
+    samples.captions, samples.seeds = samples.captions[:n], samples.seeds[:n]
+    return samples
+
+
+def encode_png(image: np.ndarray) -> tuple[bytes, str]:
+    """One (H, W) uint8 image -> its PNG file bytes and their hex sha256 (the manifest's image_sha256)."""
+    data = png_bytes(image)
+    return data, hashlib.sha256(data).hexdigest()
+
+
 class SampleBatch:
     """Ray Data callable class: a batch of seeds -> PNGs under OUT/images + manifest columns.
 
     Loads the checkpoint once per actor. The actor runs two calls at once (see `build_dataset`):
     the model is behind a lock, so one call samples while the other encodes and writes its PNGs.
+    With a `lease_token`, each batch first checks that its run still holds the output's lease
+    (pipeline/generation/lease.py): an actor of a run that lost it writes nothing more.
     """
 
     def __init__(
@@ -58,11 +93,13 @@ class SampleBatch:
         output: str,
         *,
         device: Device,
+        batch_size: int,
         bf16: bool | None,
         steps: int | None,
         io_threads: int,
         torch_threads: int | None,
         pool_size: int | None,
+        lease_token: str | None = None,
     ) -> None:
         try:
             resolved = resolve_device(device)
@@ -73,19 +110,25 @@ class SampleBatch:
         self.ink = load_checkpoint_files(checkpoint_files, resolved)
         if self.ink.digest != digest:
             raise GenerateError(f"checkpoint digest changed in transit: {self.ink.digest} != {digest}")
-        self.bf16, self.steps = bf16, steps
-        self.output = output
+        self.bf16, self.steps, self.batch_size = bf16, steps, batch_size
+        self.output, self.lease_token = output, lease_token
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="png-io")
         self.model_lock = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         seeds, shards = batch["seed"], batch["shard"]  # (B,) int64, (B,) int32
-        with self.model_lock, torch.inference_mode():
-            samples = self.ink.generate(seeds.tolist(), steps=self.steps, autocast=self.bf16)
+        with self.model_lock:
+            samples = generate_seeds(self.ink, seeds.tolist(), self.batch_size, steps=self.steps, bf16=self.bf16)
         created = np.datetime64(dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), "us")
         paths = [manifest.image_path(int(sh), int(s)) for sh, s in zip(shards, seeds)]
-        # The row is returned only after its PNG is written: a manifest row implies its image.
-        sha = list(self.pool.map(self._write_png, samples.images, paths))
+        if self.lease_token is not None:
+            lease.still_held(self.output, self.lease_token)
+        # The row is returned only after its PNG is written: a manifest row implies its image. On a
+        # failed write (disk full) every other write of the batch ends first, so none is cut off
+        # halfway and leaves a temp file, then the first error is raised.
+        futures = [self.pool.submit(self._write_png, img, path) for img, path in zip(samples.images, paths)]
+        wait(futures)
+        sha = [f.result() for f in futures]
         n, (h, w) = len(seeds), samples.images.shape[1:]  # images (B, H, W) uint8
         return {
             "seed": seeds,
@@ -103,9 +146,9 @@ class SampleBatch:
         """Encode one (H, W) uint8 image as PNG, write it under the output (atomically: an actor
         of a killed run that is still writing can never leave a truncated PNG behind a rerun's
         manifest), return its sha256."""
-        data = png_bytes(image)
+        data, sha = encode_png(image)
         storage.write_bytes(storage.join(self.output, rel_path), data)
-        return hashlib.sha256(data).hexdigest()
+        return sha
 
     def __del__(self) -> None:
         if getattr(self, "pool", None) is not None:  # __init__ may have failed before the pool
@@ -113,10 +156,15 @@ class SampleBatch:
 
 
 def build_dataset(
-    cfg: GenerateConfig, plan: SeedPlan, pending: list[int], ckpt: tuple[dict[str, bytes], str]
+    cfg: GenerateConfig,
+    plan: SeedPlan,
+    pending: list[int],
+    ckpt: tuple[dict[str, bytes], str],
+    lease_token: str | None = None,
 ) -> ray.data.Dataset:
     """The lazy Ray Data pipeline over the pending shards (nothing runs until it is iterated).
-    cfg's resources must be resolved (`resolve_resources`)."""
+    cfg's resources must be resolved (`resolve_resources`); `lease_token` is the run's hold on
+    the output's lease, checked by the actors before they write."""
     slots = len(pending) * plan.shard_size
     rows_per_block = cfg.batch_size * BATCHES_PER_BLOCK
     ds = ray.data.range(slots, override_num_blocks=max(1, math.ceil(slots / rows_per_block)))
@@ -132,11 +180,13 @@ def build_dataset(
         fn_constructor_args=(files, digest, cfg.output),
         fn_constructor_kwargs={
             "device": cfg.device,
+            "batch_size": cfg.batch_size,
             "bf16": cfg.bf16,
             "steps": cfg.steps,
             "io_threads": cfg.io_threads,
             "torch_threads": cfg.torch_threads,
             "pool_size": cfg.max_actors,
+            "lease_token": lease_token,
         },
         # Two calls in flight per actor with real threads: the model lock in SampleBatch keeps one
         # sampling at a time, while the other call's PNG writes overlap it.

@@ -17,6 +17,7 @@ import yaml
 
 from model.config import ModelConfig, PresetName, from_fields, get_preset
 from pipeline import storage
+from pipeline.data.paths import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.training.metrics_log import WandbMode
 
 Precision = Literal["auto", "bf16", "fp32"]
@@ -41,6 +42,13 @@ class TrainConfig:
     # Decode the images once and keep them in the object store (20K x 128 px ~ 1.3 GB). Set it
     # off for datasets larger than the object store: they then stream from storage each epoch.
     cache_data: bool = True
+    # Read image paths outside the dataset's folder (absolute paths, other prefixes or buckets);
+    # off, such rows are skipped as bad_path (pipeline/data/paths.py).
+    allow_external_paths: bool = False
+    # Image files larger than this many bytes are skipped as too_large, unread.
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    # Images of more pixels (width x height) than this are skipped as too_large, undecoded.
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     # -- model --------------------------------------------------------------------------------
 
@@ -48,6 +56,9 @@ class TrainConfig:
     preset: PresetName = "base"
     # Override of the preset's image size (power of two); channel stages are added/removed.
     image_size: int | None = None
+    # Overrides of other ModelConfig fields by name, e.g. {"detail_channels": 4} (YAML may give
+    # lists too: disc_channels: [32, 64, 128]); unknown names are an error listing the known ones.
+    model: dict[str, int | float | bool | str] = field(default_factory=dict)
     # Overrides of ModelConfig.loss_weights, e.g. {"kl": 0.002}; unknown names are an error.
     loss_weights: dict[str, float] = field(default_factory=dict)
     # An exported checkpoint (local or s3://) whose weights and tokenizer start a *new* run:
@@ -73,6 +84,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     # Early stopping: stop after this many epochs without a val-loss improvement (0 = never).
     patience: int = 4
+    # Phase-1 weights the prior is fitted on and the run exports: "best_val" (lowest val loss;
+    # right when val drawings come from the training distribution, as the procedural ones do)
+    # or "last" (small real sets: a generator should fit its training drawings, and val loss on
+    # unseen ones rises while it does, so "best_val" would keep a blurry early epoch).
+    weights: Literal["best_val", "last"] = "best_val"
     # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16" forces it on CPU too (AMX hosts).
     precision: Precision = "auto"
 
@@ -133,13 +149,15 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("prior_epochs", "prior_batch_size"):
+        for name in ("prior_epochs", "prior_batch_size", "max_image_bytes", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.prior_lr <= 0:
             raise ValueError("TrainConfig.lr and prior_lr must be > 0")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"TrainConfig.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.weights not in ("best_val", "last"):
+            raise ValueError(f"TrainConfig.weights must be best_val or last, got {self.weights!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"TrainConfig.precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.wandb_mode not in ("auto", "online", "offline", "disabled"):
@@ -175,8 +193,12 @@ def load_train_config(path: str) -> TrainConfig:
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
-    """The preset with the image-size and loss-weight overrides applied."""
+    """The preset with the image-size, field and loss-weight overrides applied (in that order)."""
     mc = get_preset(cfg.preset).with_image_size(cfg.image_size or get_preset(cfg.preset).image_size)
+    if cfg.model:
+        if "loss_weights" in cfg.model:
+            raise ValueError("set loss weights with TrainConfig.loss_weights, not inside `model`")
+        mc = mc.replace(**cfg.model)
     if cfg.loss_weights:
         mc = mc.replace(loss_weights={**mc.loss_weights, **cfg.loss_weights})
     return mc

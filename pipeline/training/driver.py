@@ -25,7 +25,7 @@ from model.config import ModelConfig
 from model.images import to_uint8
 from model.tokenizer import CaptionTokenizer
 from pipeline import storage
-from pipeline.data.ingest import read_captions, read_dataset
+from pipeline.data.ingest import read_captions, read_dataset, read_options
 from pipeline.training.config import TrainConfig, TrainError, model_config, run_dir
 from pipeline.training.state import MODEL_DIR, read_phase
 from pipeline.training.worker import train_loop_per_worker
@@ -71,7 +71,7 @@ def run_tokenizer(cfg: TrainConfig) -> CaptionTokenizer:
         tokenizer = storage.open_checkpoint(cfg.init_from).tokenizer
         storage.write_bytes(uri, tokenizer.to_json().encode())
         return tokenizer
-    captions = read_captions(cfg.data, split="train")
+    captions = read_captions(cfg.data, split="train", **read_options(cfg))
     if not captions:
         raise TrainError(f"data URI {cfg.data!r} has no training captions")
     tokenizer = CaptionTokenizer.train(captions)
@@ -89,7 +89,7 @@ def build_datasets(
     for split, cap in (("train", cfg.max_train_samples), ("val", cfg.max_val_samples)):
         ds = read_dataset(
             cfg.data, image_size=mc.image_size, split=split, tokenizer=tokenizer,
-            max_caption_tokens=mc.max_caption_tokens,
+            max_caption_tokens=mc.max_caption_tokens, **read_options(cfg),
         )
         if split == "val" and cfg.log_samples:
             rows = ds.take(cfg.log_samples)

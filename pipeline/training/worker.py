@@ -78,8 +78,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if state.stopped_early:  # patience ran out: on to the prior, from the best weights
                 break
 
-        # 4. Phase 2: the latent prior, from the best autoencoder weights reported so far.
-        load_best_weights(model, state)
+        # 4. Phase 2: the latent prior, from the best autoencoder weights reported so far
+        #    (or the last ones: TrainConfig.weights).
+        if cfg.weights == "best_val":
+            load_best_weights(model, state)
         prior_m = fit_prior(model, shards[0], cfg, device, amp, rank, world, log, state)
         state.phase = "done"
         final = {"epoch": state.epoch, "global_step": state.global_step, "val_loss": state.val_loss, **prior_m}

@@ -1,9 +1,12 @@
-"""Checkpoints: round-trip (same outputs, same digest), and clear errors for bad checkpoints."""
+"""Checkpoints: round-trip (same outputs, same digest), clear errors for bad checkpoints, the
+hashes over config, tokenizer and weights (and the legacy weights-only format), config limits."""
 
 from __future__ import annotations
 
 import json
 import pickle
+import random
+import resource
 import shutil
 from pathlib import Path
 
@@ -13,8 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.checkpoint import (
+    FORMAT_VERSION,
+    LEGACY_FORMAT,
     CheckpointError,
     checkpoint_digest,
+    config_sha256,
     load_checkpoint,
     load_state,
     optimizer_state_from_tensors,
@@ -122,14 +128,25 @@ def test_tampered_weights(saved, tmp_path):
         load_checkpoint(dst)
 
 
+def _write_meta(dst: Path, meta: dict) -> None:
+    """Write config.json with its config_sha256 made to match, as a careful forger would: what
+    is left to catch is the content itself."""
+    meta["config_sha256"] = config_sha256(meta)
+    (dst / "config.json").write_text(json.dumps(meta))
+
+
+def _meta(dst: Path) -> dict:
+    return json.loads((dst / "config.json").read_text())
+
+
 def _rewrite(dst: Path, state: dict) -> None:
-    """Replace the weights and fix the recorded hash, so only the structure is wrong."""
+    """Replace the weights and fix the recorded hashes, so only the structure is wrong."""
     from model.checkpoint import sha256_file
 
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    meta = json.loads((dst / "config.json").read_text())
+    meta = _meta(dst)
     meta["weights_sha256"] = sha256_file(dst / "model.safetensors")
-    (dst / "config.json").write_text(json.dumps(meta))
+    _write_meta(dst, meta)
 
 
 def test_missing_and_unexpected_keys(saved, tmp_path):
@@ -160,10 +177,10 @@ def test_non_finite_weights_are_refused(saved, tmp_path):
 
 def test_shape_mismatch_config_vs_weights(saved, tmp_path):
     dst = _copy(saved, tmp_path)
-    meta = json.loads((dst / "config.json").read_text())
+    meta = _meta(dst)
     cfg = get_preset("tiny").replace(image_size=128, channels=(128, 64, 32, 16, 8, 8))
     meta["model_config"] = cfg.to_dict()
-    (dst / "config.json").write_text(json.dumps(meta))
+    _write_meta(dst, meta)
     with pytest.raises(CheckpointError, match=r"model\.safetensors: shape mismatch.*image_size=128"):
         load_checkpoint(dst)
 
@@ -185,6 +202,9 @@ def test_bad_config_and_tokenizer(saved, tmp_path):
         load_checkpoint(dst)
     dst = _copy(saved, tmp_path / "d")
     (dst / "tokenizer.json").write_text(CaptionTokenizer.train(["a b c d e f g"]).to_json())
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: sha256 mismatch"):
+        load_checkpoint(dst)
+    _make_legacy(dst)  # format 1 has no tokenizer hash: the token count still catches this one
     with pytest.raises(CheckpointError, match=r"tokenizer\.json: has \d+ tokens"):
         load_checkpoint(dst)
 
@@ -217,3 +237,130 @@ def test_optimizer_state_roundtrip(saved, tmp_path):
     (tmp_path / "opt.safetensors").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="opt.safetensors: truncated or corrupt"):
         load_state(tmp_path / "opt.safetensors")
+
+
+# -- what the stored hashes cover (issue 15) --------------------------------------------------------
+def _make_legacy(dst: Path) -> None:
+    """Turn a checkpoint into format 1, as checkpoints/default is: weights_sha256 only."""
+    meta = _meta(dst)
+    for key in ("tokenizer_sha256", "config_sha256"):
+        meta.pop(key, None)
+    meta["format_version"] = LEGACY_FORMAT
+    (dst / "config.json").write_text(json.dumps(meta))
+
+
+def test_new_checkpoints_hash_config_tokenizer_and_weights(saved):
+    from model.checkpoint import sha256_file
+
+    path = saved[0]
+    meta = _meta(path)
+    assert meta["format_version"] == FORMAT_VERSION == 2
+    assert meta["weights_sha256"] == sha256_file(path / "model.safetensors")
+    assert meta["tokenizer_sha256"] == sha256_file(path / "tokenizer.json")
+    assert meta["config_sha256"] == config_sha256(meta)
+
+
+def test_a_config_edit_that_keeps_every_shape_is_refused(saved, tmp_path):
+    dst = _copy(saved, tmp_path)
+    meta = _meta(dst)
+    meta["model_config"]["ddim_steps"] = 3  # no weight changes shape
+    (dst / "config.json").write_text(json.dumps(meta, indent=2))
+    with pytest.raises(CheckpointError, match=r"config\.json: sha256 mismatch.*edited after saving"):
+        load_checkpoint(dst)
+    meta = _meta(dst)
+    meta["extra"]["step"] = 11  # provenance is covered too
+    meta["model_config"]["ddim_steps"] = _meta(saved[0])["model_config"]["ddim_steps"]
+    (dst / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"config\.json: sha256 mismatch"):
+        load_checkpoint(dst)
+    (dst / "config.json").write_text(json.dumps(_meta(saved[0])))  # reformatted, same content: fine
+    assert load_checkpoint(dst).config.ddim_steps == saved[1].config.ddim_steps
+
+
+def _shuffled_tokenizer(tok: CaptionTokenizer) -> str:
+    """The same vocabulary with the word ids permuted (specials stay): same size, other ids."""
+    doc = json.loads(tok.to_json())
+    vocab = doc["model"]["vocab"]
+    words = sorted((w for w, i in vocab.items() if i >= 4), key=vocab.get)
+    ids = [vocab[w] for w in words]
+    random.Random(0).shuffle(ids)
+    doc["model"]["vocab"] = {**{w: i for w, i in vocab.items() if i < 4}, **dict(zip(words, ids))}
+    return json.dumps(doc)
+
+
+def test_a_tokenizer_with_shuffled_ids_is_refused(saved, tmp_path):
+    dst = _copy(saved, tmp_path)
+    (dst / "tokenizer.json").write_text(_shuffled_tokenizer(saved[2]))
+    shuffled = CaptionTokenizer.from_json((dst / "tokenizer.json").read_text())
+    assert shuffled.vocab_size == saved[2].vocab_size and shuffled.vocab != saved[2].vocab
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: sha256 mismatch.*token ids would not match"):
+        load_checkpoint(dst)
+
+
+def test_legacy_weights_only_checkpoints_still_load(saved, tmp_path):
+    dst = _copy(saved, tmp_path)
+    _make_legacy(dst)
+    ck = load_checkpoint(dst)
+    assert ck.config == saved[1].config and ck.tokenizer == saved[2]
+    # The legacy rule checks the weights only: tampering with them is still caught.
+    state = load_file(str(dst / "model.safetensors"))
+    state["prior.out.bias"] = state["prior.out.bias"] + 1.0
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 mismatch"):
+        load_checkpoint(dst)
+
+
+def test_the_committed_default_checkpoint_is_legacy_and_loads():
+    default = Path(__file__).resolve().parents[2] / "checkpoints" / "default"
+    meta = _meta(default)
+    assert meta["format_version"] == LEGACY_FORMAT and "config_sha256" not in meta
+    assert load_checkpoint(default).config.image_size == 128
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("channels", [100_000, 64, 32, 16, 8], r"model_config\.channels\[0\]=100000 is outside the supported range 1\.\.4096"),
+        ("text_layers", 10**7, r"model_config\.text_layers=10000000 is outside the supported range 1\.\.64"),
+        ("z_dim", 32.5, r"model_config\.z_dim must be an integer, got 32\.5"),
+        ("channels", "wide", r"model_config\.channels must be a list of 1\.\.16 integers"),
+    ],
+)
+def test_config_sizes_beyond_the_limits_are_refused_before_building(saved, tmp_path, field, value, message):
+    dst = _copy(saved, tmp_path)
+    meta = _meta(dst)
+    meta["model_config"][field] = value
+    _write_meta(dst, meta)  # a matching hash: the limits are what refuse it
+    with pytest.raises(CheckpointError, match=r"config\.json: " + message):
+        load_checkpoint(dst)
+
+
+@pytest.mark.parametrize("value", ["12", 12.5, True, None])
+def test_a_non_integer_vocab_size_is_a_checkpoint_error(saved, tmp_path, value):
+    dst = _copy(saved, tmp_path)
+    meta = _meta(dst)
+    meta["vocab_size"] = value
+    _write_meta(dst, meta)
+    with pytest.raises(CheckpointError, match=r"config\.json: vocab_size must be an integer"):
+        load_checkpoint(dst)
+
+
+def test_a_big_config_that_does_not_fit_the_weights_allocates_nothing(saved, tmp_path):
+    """Channels of 4096 are within the limits, but the real network would take ~3.5 GB: the shapes
+    are compared on the meta device first, so the process's peak memory does not move."""
+    dst = _copy(saved, tmp_path)
+    meta = _meta(dst)
+    meta["model_config"]["channels"] = [4096] * 5
+    _write_meta(dst, meta)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: shape mismatch"):
+        load_checkpoint(dst)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 512 * 1024
+
+
+def test_extra_with_int_keys_and_tuples_round_trips_through_the_hash(saved, tmp_path):
+    """config_sha256 is taken over what config.json reads back as: int keys become strings and
+    sort differently, tuples become lists."""
+    _, model, tok, _ = saved
+    save_checkpoint(tmp_path / "x", model, tok, extra={"by_epoch": {10: 0.5, 9: 0.6}, "pair": (1, 2)})
+    assert load_checkpoint(tmp_path / "x").extra == {"by_epoch": {"10": 0.5, "9": 0.6}, "pair": [1, 2]}

@@ -53,3 +53,18 @@ def test_json_roundtrip():
     again = CaptionTokenizer.from_json(tok.to_json())
     assert again == tok and again.vocab_size == tok.vocab_size
     assert torch.equal(again.encode(CAPTIONS, 32), tok.encode(CAPTIONS, 32))
+
+
+def test_special_token_spellings_in_a_caption_are_ordinary_text():
+    """"[EOS]" typed in a caption must not end it, "[PAD]" must not pad it: each tokenizes as
+    "[", the lowercased word, "]" (ids when known, [UNK] otherwise), trained or reloaded."""
+    tok = CaptionTokenizer.train(CAPTIONS + ["a ship [at] sea"])  # "[", "]" and "at" are words
+    for t in (tok, CaptionTokenizer.from_json(tok.to_json())):
+        ids = t.tokenize("a ship [EOS] at sea [PAD] [BOS] [UNK]")
+        assert not {t.pad_id, t.bos_id, t.eos_id} & set(ids)
+        vocab = t.vocab
+        assert ids[:5] == [vocab["a"], vocab["ship"], vocab["["], t.unk_id, vocab["]"]]  # "eos" is unknown
+        row = t.encode(["a ship [EOS] at sea"], 16)[0].tolist()
+        assert row.index(t.eos_id) == 1 + len(t.tokenize("a ship [EOS] at sea"))  # eos only at the end
+        assert t.decode([row])[0] == "a ship [ [UNK] ] at sea"  # decode drops no word
+        assert t.tokenize("[at]") == [vocab["["], vocab["at"], vocab["]"]]

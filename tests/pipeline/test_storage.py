@@ -45,3 +45,42 @@ def test_ray_workers_see_s3(ray_local):
     uri = "s3://inkseed-test/storage-ray/hello.txt"
     storage.write_bytes(uri, b"from the driver")
     assert ray_local.get(read.remote(uri)) == b"from the driver"
+
+
+def test_compare_and_swap_is_atomic(root):
+    """Four threads add 1 twenty times each through compare_and_swap: no increment is lost."""
+    import threading
+
+    uri = storage.join(root, "counter")
+
+    def add() -> None:
+        for _ in range(20):
+            storage.compare_and_swap(uri, lambda cur: str(int(cur or b"0") + 1).encode())
+
+    threads = [threading.Thread(target=add) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert storage.read_bytes(uri) == b"80"
+    storage.compare_and_swap(uri, lambda cur: storage.KEEP)
+    assert storage.read_bytes(uri) == b"80"
+    storage.compare_and_swap(uri, lambda cur: storage.DELETE)
+    assert not storage.exists(uri)
+
+
+def test_s3_errors_name_the_uri(s3_server):
+    with pytest.raises(storage.StorageError, match=r"write s3://inkseed-no-bucket/x: .*bucket does not exist.*AWS_ENDPOINT_URL"):
+        storage.write_bytes("s3://inkseed-no-bucket/x", b"1")
+    with pytest.raises(storage.StorageError, match=r"not writable: .*bucket does not exist"):
+        storage.check_writable("s3://inkseed-no-bucket/out")
+
+
+def test_temp_files_of_killed_writes_are_swept(tmp_path):
+    folder = tmp_path / "images"
+    storage.write_bytes(str(folder / "1.png"), b"png", durable=True)
+    (folder / ".2.png.0123456789ab.tmp").write_bytes(b"half a png")  # what a SIGKILL mid-write leaves
+    (folder / ".keep").write_bytes(b"not ours")
+    assert storage.remove_temp_files(str(folder)) == 1
+    assert sorted(p.name for p in folder.iterdir()) == [".keep", "1.png"]
+    assert storage.remove_temp_files("s3://inkseed-test/none") == 0

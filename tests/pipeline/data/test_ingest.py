@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -20,8 +19,15 @@ from PIL import Image
 from pipeline import storage
 from pipeline.data import engrave
 from pipeline.data import ingest as data
-from pipeline.data.ingest import DatasetError, load_dataset, read_captions, read_dataset, split_of, to_model_gray
 from pipeline.data.grammar import ATTRIBUTES, parse_caption
+from pipeline.data.ingest import (
+    DatasetError,
+    load_dataset,
+    read_captions,
+    read_dataset,
+    split_of,
+    to_model_gray,
+)
 
 SIZE = 32
 

@@ -9,6 +9,7 @@ import io
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -290,8 +291,10 @@ def test_dataset_without_attributes(ray_local, checkpoint: str, engravings: Path
     ):
         if i >= 120:
             break
-        image = str(engravings / row["file_name"])
-        lines.append(json.dumps({"file_name": image, "text": f"plate {i}: a study in line and shade"}))
+        image = data / row["file_name"]  # inside the dataset's folder: outside paths are refused
+        image.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(engravings / row["file_name"], image)
+        lines.append(json.dumps({"file_name": row["file_name"], "text": f"plate {i}: a study in line and shade"}))
     (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "eval"
     report = run_job(checkpoint, data, out)

@@ -209,3 +209,22 @@ def test_a_diverging_run_stops_with_a_clear_error(ray_local, data, tmp_path):
     with pytest.raises(Exception, match="non-finite training loss at step"):
         run_training(cfg)
     assert not (tmp_path / "nan" / "export").exists()
+
+
+def test_the_real_data_design_trains_through_ray_train(ray_local, data, tmp_path):
+    """Model overrides from the config reach the workers: a detail latent, noise maps and the
+    PatchGAN train under Ray Train, the last weights are kept, and the export generates."""
+    cfg = tiny(data, str(tmp_path), "design", epochs=2, log_samples=0, prior_epochs=2, weights="last",
+               model={"detail_channels": 2, "noise_maps": True, "disc_channels": [8, 16]})  # fmt: skip
+    export = run_training(cfg)
+    epochs = metrics_rows(cfg, "epoch")
+    assert {"train_epoch/disc", "train_epoch/adversarial", "train_epoch/detail_kl"} <= set(epochs[-1])
+    ck = load_checkpoint(export)
+    assert (ck.config.detail_channels, ck.config.noise_maps, ck.config.disc_channels) == (2, True, (8, 16))
+    assert ck.model.prior.latent_mean.shape == (ck.model.latent_dim,)
+    out = ck.generate([0, 1])
+    assert out.images.shape == (2, 32, 32) and all(out.captions)
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
+        from pipeline.training.config import model_config
+
+        model_config(cfg.replace(model={"detail_channel": 2}))
