@@ -163,14 +163,15 @@ def train_candidate(name: str, changes: dict, captions: list[str], images: np.nd
     return stats
 
 
-def cost(path: Path) -> dict:
-    """GFLOPs per generated sample and ms per seed of generate() at batch 64, fp32, 1 thread."""
+def cost(path: Path, threads: int) -> dict:
+    """GFLOPs per generated sample and ms per seed of generate() at batch 64, fp32, 1 thread
+    (torch goes back to `threads` afterwards)."""
     ck = load_checkpoint(path)
     torch.set_num_threads(1)
     seeds = list(range(64))
     generate(ck.model, ck.tokenizer, seeds)  # warm-up
     best = min(_timed(lambda: generate(ck.model, ck.tokenizer, seeds)) for _ in range(3))
-    torch.set_num_threads(args_threads)
+    torch.set_num_threads(threads)
     return {"gflop_per_sample": count_macs(ck.model.config)["generate_total"] * 2 / 1e9, "ms_per_seed": best * 1000 / 64}
 
 
@@ -201,11 +202,7 @@ def row(name: str, r: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-args_threads = 2
-
-
 def main() -> None:
-    global args_threads
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     ap.add_argument("--data", default="data/openmoji")
@@ -219,7 +216,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-training", action="store_true", help="evaluate checkpoints already in OUT")
     args = ap.parse_args()
-    args_threads = args.threads
     torch.set_num_threads(args.threads)
     captions, images = load_split(Path(args.data))
     results = {}
@@ -230,7 +226,7 @@ def main() -> None:
             stats = load_checkpoint(path).extra["ablation"]
         else:
             stats = train_candidate(name, CANDIDATES[name][1], captions, images, args)
-        results[name] = {**stats, **evaluate(path, args.data, args.num_seeds), **cost(path)}
+        results[name] = {**stats, **evaluate(path, args.data, args.num_seeds), **cost(path, args.threads)}
         (Path(args.out) / "ablation.json").write_text(json.dumps(results, indent=2))
     keys = ["candidate", "steps", "CPU min", "recon sharpness", *REPORT_KEYS, "GFLOP/sample", "ms/seed"]
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
