@@ -5,16 +5,21 @@ value (`Literal` fields list their choices), and the comment above the field is 
 text, so the help never drifts from the code. Precedence: flags > a YAML file (jobs.train's
 `--config`) or a preset like `--smoke-test` > the dataclass defaults: the lower layers only
 change the defaults tyro starts from.
+
+`run_job` is how every job ends a failure: one line, `error: ...`, naming the file or URI and
+saying what to do (`--debug` shows the traceback instead).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import TypeVar
 
 import tyro
 
 A = TypeVar("A")
+R = TypeVar("R")
 
 
 def argv_or_sys(argv: list[str] | None) -> list[str]:
@@ -36,3 +41,35 @@ def flag_value(argv: list[str], flag: str) -> str | None:
 def parse(args_type: type[A], argv: list[str], default: A, description: str) -> A:
     """tyro.cli over `args_type`, starting from `default`."""
     return tyro.cli(args_type, args=argv, default=default, description=description)
+
+
+def run_job(job: Callable[[], R], argv: list[str] | None = None) -> R:
+    """job(), ending a failure with one line on stderr, `error: ...`, naming the file or URI and
+    what to do, and exit status 1; with `--debug` in argv the traceback instead. tyro's own exits
+    (--help, a bad flag) pass through."""
+    debug = "--debug" in argv_or_sys(argv)
+    try:
+        return job()
+    except BaseException as e:
+        if debug or isinstance(e, SystemExit):
+            raise
+        sys.exit(f"error: {one_line(e)}")
+
+
+def one_line(e: BaseException) -> str:
+    """The message after `error: ` for any exception. A Ray Train failure is described by the
+    error a worker (the lowest rank) or the controller raised, which Ray keeps as the exception
+    itself; inkseed's own errors already name their file and what to do; the rest go through
+    jobs.generate's rules (pipeline/generation/errors.py: disk full, permissions, interrupts)."""
+    from model.checkpoint import CheckpointError
+    from pipeline.generation.errors import one_line as generation_one_line
+    from pipeline.training.config import TrainError
+
+    failures = getattr(e, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        e = failures[min(failures)]
+    elif isinstance(getattr(e, "controller_failure", None), BaseException):
+        e = e.controller_failure
+    if isinstance(e, (TrainError, CheckpointError, FloatingPointError)):
+        return " ".join(str(e).split())
+    return generation_one_line(e)

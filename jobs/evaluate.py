@@ -13,24 +13,36 @@ table. The first run on a dataset trains its probes on the train split (the cont
 always, the attribute probe where the metadata has the grammar's attributes) and caches them in
 <data>/.probe/ (or --probe-cache); later runs reuse them. Every EvaluateConfig field is a flag,
 the probes' settings as --probe.NAME and --contrastive.NAME.
+
+A failure ends with one line, `error: ...`, naming the file or URI and what to do (`--debug`
+shows the traceback instead).
 """
 
 from __future__ import annotations
 
-import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from jobs.cli import argv_or_sys, parse
+import tyro
+
+from jobs.cli import argv_or_sys, parse, run_job
 from jobs.ray_owner import run_owning_ray
-from model.checkpoint import CheckpointError
 from pipeline.evaluation.config import EvaluateConfig
 from pipeline.evaluation.run import run_evaluation
-from pipeline.storage import StorageError
+
+
+@dataclass
+class EvaluateArgs:
+    """The job's flags: every EvaluateConfig field, plus --debug."""
+
+    evaluate: Annotated[EvaluateConfig, tyro.conf.arg(name="")]
+    # On failure, show the full traceback instead of the one-line error.
+    debug: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
     """Every EvaluateConfig field is a flag; the probe's settings are --probe.NAME."""
-    return parse(EvaluateConfig, argv_or_sys(argv), EvaluateConfig(), __doc__.split("\n")[0])
+    return parse(EvaluateArgs, argv_or_sys(argv), EvaluateArgs(EvaluateConfig()), __doc__.split("\n")[0]).evaluate
 
 
 def main(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -39,8 +51,5 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    config = parse_args()
-    try:
-        main(config)
-    except (ValueError, CheckpointError, StorageError) as e:  # bad input: EvaluateError, DatasetError, ...
-        sys.exit(f"error: {e}")
+    config = run_job(parse_args)
+    run_job(lambda: main(config))

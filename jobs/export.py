@@ -9,7 +9,8 @@ caption decoder's start and cached step, the image and caption encoders, the tok
 onnx_sampler.py), then checks its own parity: seeds 0..N-1 through the ONNX sampler and through
 `model.sampling.generate` (fp32, CPU) must give equal captions and images within --max-pixel-diff.
 It prints the result, records it in OUT/inkseed_onnx.json and exits 1 when the check fails.
-Ray is never started.
+Ray is never started. A failure ends with one line, `error: ...`, naming the file or URI and what
+to do (`--debug` shows the traceback instead).
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from jobs.cli import argv_or_sys, parse
-from model.checkpoint import CheckpointError
-from pipeline.storage import StorageError, is_s3, open_checkpoint
+from jobs.cli import argv_or_sys, parse, run_job
+from pipeline.storage import is_s3, open_checkpoint
 
 
 class ExportError(ValueError):
@@ -43,6 +43,8 @@ class ExportArgs:
     max_pixel_diff: int = 2
     # ONNX opset of the graphs (14 or newer: scaled_dot_product_attention).
     opset: int = 17
+    # On failure, show the full traceback instead of the one-line error.
+    debug: bool = False
 
     def validate(self) -> None:
         if is_s3(self.out):
@@ -79,10 +81,7 @@ def main(args: ExportArgs) -> dict:
 
 
 if __name__ == "__main__":
-    config = parse_args()
-    try:
-        result = main(config)
-    except (ExportError, CheckpointError, StorageError) as e:
-        sys.exit(f"error: {e}")
+    config = run_job(parse_args)
+    result = run_job(lambda: main(config))
     if not result.get("parity", {}).get("ok", True):
         sys.exit(f"error: the ONNX export in {config.out} does not match PyTorch (see the parity line above)")

@@ -10,8 +10,13 @@ Locally (starts a local Ray):
     python -m jobs.generate --seeds-file seeds.txt --output outputs/picked
     python -m jobs.generate --smoke-test        # 64 seeds, 5 DDIM steps, into outputs/smoke-test
 
-Re-running the same command after an interruption finishes the missing seeds. The output layout
-and the manifest columns are described in pipeline/generation/manifest.py. Checking an output:
+    python -m jobs.generate --num-seeds 100000 --output s3://bucket/run2 --format webdataset  # a tar per shard
+    python -m jobs.generate --num-seeds 100000 --output s3://bucket/run3 --format parquet     # PNGs in the parts
+
+Re-running the same command after an interruption finishes the missing seeds. Each run ends by
+writing OUT/contact_sheet.png and OUT/stats.json (pipeline/generation/stats.py). The output layout
+of each --format and the manifest columns are described in pipeline/generation/manifest.py.
+Checking an output:
 
     python -m jobs.generate --num-seeds 1000 --output outputs/run1 --verify   # or: python -m jobs.verify outputs/run1
     python -m jobs.generate --num-seeds 1000 --output outputs/run1 --repair   # regenerate damaged shards

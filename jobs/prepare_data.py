@@ -6,6 +6,9 @@ writes data/engravings/images/NNNNNN.png, metadata.jsonl and contact_sheet.png. 
 arguments give the same bytes. --out may be an s3:// URI. On a cluster:
 
     ray job submit --working-dir . -- python -m jobs.prepare_data --out s3://bucket/engravings --count 20000
+
+A failure ends with one line, `error: ...`, naming the file or URI and what to do (`--debug`
+shows the traceback instead).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from jobs.cli import argv_or_sys, parse
+from jobs.cli import argv_or_sys, parse, run_job
 from pipeline import storage
 from pipeline.data import engrave, openmoji
 
@@ -39,6 +42,8 @@ class PrepareConfig:
     source: Literal["procedural", "openmoji"] = "procedural"
     # The openmoji package folder; None: $INKSEED_OPENMOJI, then the fetch cache.
     openmoji_dir: str | None = None
+    # On failure, show the full traceback instead of the one-line error.
+    debug: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> PrepareConfig:
@@ -82,4 +87,5 @@ def main(cfg: PrepareConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    config = run_job(parse_args)
+    run_job(lambda: main(config))

@@ -15,6 +15,9 @@ Running the same command again (same --storage-path and --name) resumes the run 
 latest checkpoint. The exported checkpoint path (`<storage-path>/<name>/export`) is printed
 last; `python -m jobs.generate --checkpoint <that path>` reads it. Metrics: W&B (offline
 without WANDB_API_KEY) and `<storage-path>/<name>/metrics.jsonl`.
+
+A failure ends with one line, `error: ...`, naming the file or URI and what to do (`--debug`
+shows the traceback instead).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from typing import Annotated
 
 import tyro
 
-from jobs.cli import argv_or_sys, flag_value, parse
+from jobs.cli import argv_or_sys, flag_value, parse, run_job
+from jobs.ray_owner import run_owning_ray
 from pipeline import storage
 from pipeline.training.config import TrainConfig, load_train_config
 from pipeline.training.driver import run_training
@@ -44,6 +48,8 @@ class TrainArgs:
     # A one-minute run of the whole job: tiny preset at 32 px, 128 samples, 1 epoch (on a small
     # rendered dataset unless --data is given); the run name gets -smoke.
     smoke_test: bool = False
+    # On failure, show the full traceback instead of the one-line error.
+    debug: bool = False
 
 
 def _config_path(value: str) -> str:
@@ -75,19 +81,15 @@ def smoke_test_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def main(cfg: TrainConfig) -> str:
-    import ray
-
+    """Run the job. Ray starts once the inputs are checked (inside `ray job submit` RAY_ADDRESS
+    points at the cluster; otherwise a local Ray starts) and is shut down if it started here."""
     if cfg.data == SMOKE_DATA and not storage.exists(os.path.join(SMOKE_DATA, "metadata.jsonl")):
         from pipeline.data.engrave import render_dataset
 
         render_dataset(SMOKE_DATA, count=200, size=64, seed=0)  # read at 32 px
-    # Inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local Ray starts.
-    ray.init()
-    try:
-        return run_training(cfg)
-    finally:
-        ray.shutdown()
+    return run_owning_ray(run_training, cfg)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    config = run_job(parse_args)
+    run_job(lambda: main(config))

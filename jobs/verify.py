@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python -m jobs.verify s3://bucket/run1
 
 Reads OUT/run.json, then checks each part's schema, run_id, model digest and seed set, and each
-image's existence and sha256 (pipeline/generation/verify.py). Prints one line per damaged part and
+image's existence and sha256, in the run's format: the PNG file, the tar member (with its .txt
+and .json) or the bytes embedded in the part (pipeline/generation/verify.py). Prints one line per damaged part and
 the counts of seeds lost, duplicated and mismatched; exits 1 when anything is wrong (then
 `python -m jobs.generate <the run's flags> --repair` regenerates the damaged shards). It writes
 nothing, so it may run beside a generation run (it then says the report is a snapshot).

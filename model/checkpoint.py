@@ -31,6 +31,7 @@ optimizer, see `optimizer_state_to_tensors`), so training resumes without pickle
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -65,6 +66,9 @@ class CheckpointError(RuntimeError):
     def __init__(self, file: str | os.PathLike, problem: str) -> None:
         self.file, self.problem = str(file), problem
         super().__init__(f"{file}: {problem}")
+
+    def __reduce__(self):  # picklable, so it reaches a Ray driver as itself from a worker
+        return CheckpointError, (self.file, self.problem)
 
 
 # -- hashing / atomic writes ----------------------------------------------------------------------
@@ -143,7 +147,11 @@ def save_checkpoint(
 
 @dataclass
 class Inkseed:
-    """A loaded checkpoint: the model (eval mode), its tokenizer, config, digest and extra info."""
+    """A loaded checkpoint: the model (eval mode), its tokenizer, config, digest and extra info.
+
+    `sampling` holds default keyword arguments for every call below (set by `with_sampling`:
+    DDIM `steps` for the calls that sample the prior, bf16 `autocast` for all); a call's own
+    arguments win."""
 
     model: JointModel
     tokenizer: CaptionTokenizer
@@ -151,25 +159,38 @@ class Inkseed:
     digest: str
     extra: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
+    def with_sampling(self, steps: int | None = None, autocast: bool | None = None) -> Inkseed:
+        """The same checkpoint whose calls default to `steps` DDIM steps and bf16 `autocast`
+        (None: the config's steps; bf16 on CUDA, off on CPU)."""
+        return dataclasses.replace(self, sampling={"steps": steps, "autocast": autocast})
+
+    def _kw(self, kw: dict[str, Any], steps_arg: str | None = None) -> dict[str, Any]:
+        """kw over the defaults; the DDIM steps go in as `steps_arg` (calls without a prior: none)."""
+        defaults = {"autocast": self.sampling.get("autocast")}
+        if steps_arg:
+            defaults[steps_arg] = self.sampling.get("steps")
+        return {**defaults, **kw}
+
     def generate(self, seeds: Sequence[int], **kw: Any) -> sampling.Samples:
-        return sampling.generate(self.model, self.tokenizer, seeds, **kw)
+        return sampling.generate(self.model, self.tokenizer, seeds, **self._kw(kw, "steps"))
 
     def caption(self, images: np.ndarray | torch.Tensor, **kw: Any) -> list[str]:
-        return sampling.caption(self.model, self.tokenizer, images, **kw)
+        return sampling.caption(self.model, self.tokenizer, images, **self._kw(kw))
 
     def illustrate(self, captions: Sequence[str], seeds: Sequence[int], **kw: Any) -> np.ndarray:
-        return sampling.illustrate(self.model, self.tokenizer, captions, seeds, **kw)
+        return sampling.illustrate(self.model, self.tokenizer, captions, seeds, **self._kw(kw))
 
     def interpolate(self, seed_a: int, seed_b: int, steps: int = 8, **kw: Any) -> sampling.Samples:
-        return sampling.interpolate(self.model, self.tokenizer, seed_a, seed_b, steps, **kw)
+        return sampling.interpolate(self.model, self.tokenizer, seed_a, seed_b, steps, **self._kw(kw, "ddim_steps"))
 
     def alignment(self, images: np.ndarray | torch.Tensor, captions: Sequence[str], **kw: Any) -> np.ndarray:
-        return sampling.alignment(self.model, self.tokenizer, images, captions, **kw)
+        return sampling.alignment(self.model, self.tokenizer, images, captions, **self._kw(kw))
 
 
 def _read_json(file: Path) -> dict[str, Any]:

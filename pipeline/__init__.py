@@ -21,6 +21,8 @@ training/      Ray Train: DDP training of the joint model, then the latent prior
     worker.py      `train_loop_per_worker`: phase 1 epochs, validation, logging, reports
     prior_phase.py phase 2: the latent prior fitted data parallel on posterior means
     state.py       what a training checkpoint holds; write, report, restore (pickle-free)
+    resume.py      which checkpoint a run resumes (falling back past corrupt ones), the setup check
+    export.py      the exported checkpoint, replaced whole (written beside, then swapped)
     distributed.py all-reduce / all-gather helpers that also work with one worker
     metrics_log.py rank 0's metrics: W&B (offline without a key) and metrics.jsonl
 
@@ -28,6 +30,8 @@ generation/    Ray Data: mass generation with exactly-once resume
     config.py      `GenerateConfig` (every field a flag of jobs.generate)
     sampler.py     seeds from row numbers, the `SampleBatch` actor, the actor pool
     manifest.py    output layout, Parquet schema and part metadata, run.json, shards
+    formats.py     a shard's images written and read per --format: files, webdataset tars, parquet
+    stats.py       OUT/stats.json: counts, speed, per-stage time, caption and alignment statistics
     lease.py       one writer per output: the lease (run_id, heartbeat), refusal, stale takeover
     verify.py      which parts are done (resume), complete (end of run), sound (`--verify`, on Ray)
     errors.py      the one-line `error: ...` of the jobs, errors of Ray tasks rebuilt on the driver

@@ -6,8 +6,9 @@ its label (seed, alignment) and its caption wrapped underneath; the HTML page em
 as data URIs, so it is one self-contained file.
 
 `python -m pipeline.contact_sheet OUT` reads OUT/manifest/*.parquet (pipeline/generation/manifest.py),
-takes the rows of the smallest seeds and writes OUT/contact_sheet.png and .html. OUT can be a
-local folder or s3://. scripts/demo.sh calls it last.
+takes the rows of the smallest seeds and writes OUT/contact_sheet.png and .html, whatever the
+output's format (image files, tar shards or images inside the parts). OUT can be a local folder or
+s3://. jobs.generate writes it at the end of every run; this command remakes it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from model.images import png_bytes
 from pipeline import storage
+from pipeline.generation.formats import read_images
 
 PAPER = 255  # sheet background: white, like the plates' paper
 TEXT_LINES = 5  # caption lines under each tile; longer captions end with "..."
@@ -35,14 +37,16 @@ class ContactSheetError(ValueError):
 
 
 def first_rows(out: str, count: int) -> list[dict]:
-    """Manifest rows (seed, caption, image_path, alignment) of the `count` smallest seeds."""
+    """Manifest rows (seed, caption, image_path, alignment, and a webdataset output's tar_offset
+    and tar_size) of the `count` smallest seeds."""
     # Only finished parts: an interrupted local write can leave a dot-prefixed temp file behind.
     parts = storage.list_files(storage.join(out, "manifest"), ".parquet")
     if not parts:
         raise ContactSheetError(f"{out}: no manifest/*.parquet (is this a jobs.generate output?)")
     fs, _ = storage.filesystem(out)
     dataset = pads.dataset([storage.filesystem(p)[1] for p in parts], format="parquet", filesystem=fs)
-    table = dataset.to_table(columns=["seed", "caption", "image_path", "alignment"])
+    wanted = ["seed", "caption", "image_path", "alignment", "tar_offset", "tar_size"]
+    table = dataset.to_table(columns=[c for c in wanted if c in dataset.schema.names])
     if table.num_rows == 0:
         raise ContactSheetError(f"{out}: the manifest has no rows")
     order = np.argsort(table["seed"].to_numpy(), kind="stable")[:count]
@@ -114,11 +118,18 @@ def write_sheet(
         storage.write_bytes(html_uri, render_html(images, labels, captions, title).encode())
 
 
+def _decode(data: bytes, where: str) -> np.ndarray:
+    try:
+        return np.asarray(Image.open(io.BytesIO(data)))
+    except OSError as e:  # PIL's errors for a damaged PNG
+        raise ContactSheetError(f"{where}: not a readable PNG ({e})") from e
+
+
 def write_contact_sheet(out: str, count: int = 16, columns: int = 4) -> str:
     """Write OUT/contact_sheet.png and .html from the manifest's `count` smallest seeds; return
     the PNG's path/URI."""
     rows = first_rows(out, count)
-    images = [np.asarray(Image.open(io.BytesIO(storage.read_bytes(storage.join(out, r["image_path"]))))) for r in rows]
+    images = [_decode(data, storage.join(out, r["image_path"])) for data, r in zip(read_images(out, rows), rows)]
     labels = [f"seed {r['seed']}  align {r['alignment']:+.2f}" for r in rows]
     target = storage.join(out, "contact_sheet.png")
     write_sheet(images, labels, [r["caption"] for r in rows], target, storage.join(out, "contact_sheet.html"), columns=columns)

@@ -47,6 +47,11 @@ class EvaluateConfig:
     batch_size: int = 64
     # Where the model runs; "auto" = CUDA when available.
     device: Device = "auto"
+    # bf16 autocast for every model call; None = the model's default (on for CUDA, off for CPU).
+    # Evaluate both precisions before making bf16 a generation default.
+    bf16: bool | None = None
+    # DDIM steps of the latent prior; None = the checkpoint's ddim_steps (the quality-vs-steps curve).
+    steps: int | None = None
     # Probe cache folder; None = <data>/.probe (or beside a single-file dataset).
     probe_cache: str | None = None
     # How the attribute probe is built and trained (pipeline/evaluation/probe.py); its image_size is
@@ -68,6 +73,7 @@ class EvaluateConfig:
     def validate(self) -> None:
         checks = {
             "num_seeds must be >= 2": self.num_seeds >= 2,
+            "steps must be >= 1": self.steps is None or self.steps >= 1,
             "seed_start must be >= 0": self.seed_start >= 0,
             "batch_size must be >= 1": self.batch_size >= 1,
             "probe epochs must be >= 1": self.probe.epochs >= 1,

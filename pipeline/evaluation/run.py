@@ -178,7 +178,7 @@ def open_inputs(cfg: EvaluateConfig, log: Log) -> tuple[Inkseed, EvaluateConfig,
         device = resolve_device(cfg.device)
     except RuntimeError as e:
         raise EvaluateError(str(e)) from e
-    ink = storage.open_checkpoint(cfg.checkpoint, str(device))
+    ink = storage.open_checkpoint(cfg.checkpoint, str(device)).with_sampling(cfg.steps, cfg.bf16)
     size = ink.config.image_size
     cfg = replace(cfg, probe=replace(cfg.probe, image_size=size), contrastive=replace(cfg.contrastive, image_size=size))
     log(f"evaluate: checkpoint {cfg.checkpoint} ({size}px, digest {ink.digest[:12]}), data {cfg.data}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model.sampling import Device
+from pipeline.generation.manifest import FORMATS, Format
 
 
 class GenerateError(ValueError):
@@ -17,8 +18,14 @@ class GenerateConfig:
 
     # Checkpoint directory (local or s3://) as written by save_checkpoint / jobs.train.
     checkpoint: str = "checkpoints/default"
-    # Output root, local or s3://bucket/prefix: run.json, images/, manifest/ (pipeline/generation/manifest.py).
+    # Output root, local or s3://bucket/prefix: run.json, manifest/, images/ or shards/, stats.json
+    # (pipeline/generation/manifest.py).
     output: str = "outputs/generate"
+    # Where the PNGs go: files = OUT/images/<shard>/<seed>.png (one object per seed); webdataset =
+    # OUT/shards/<shard>.tar (PNG, caption, row per seed); parquet = inside the manifest parts
+    # (Hugging Face Image column). Part of the run's identity. webdataset and parquet hold each
+    # shard's images in the driver's memory until the shard is complete: size --shard-size to that.
+    format: Format = "files"
     # The seed range seed_start .. seed_start + num_seeds - 1 (int64, >= 0) ...
     seed_start: int = 0
     # How many seeds the range holds (None: give --seeds-file instead).
@@ -45,8 +52,8 @@ class GenerateConfig:
     bf16: bool | None = None
     # DDIM steps of the latent prior; None = the checkpoint's ddim_steps. Changes the samples.
     steps: int | None = None
-    # Discard an existing output (run.json, manifest/, images/) and start fresh. Refused while
-    # another run holds the output's lease.
+    # Discard an existing output (run.json, manifest/, images/, shards/, stats.json, the contact
+    # sheet) and start fresh. Refused while another run holds the output's lease.
     overwrite: bool = False
     # Generate nothing: check this command's output (every part's schema, run_id, digest and seeds,
     # every image's existence and sha256, in parallel on Ray), print the report, fail if damaged.
@@ -80,6 +87,7 @@ class GenerateConfig:
             "io_threads must be >= 1": self.io_threads >= 1,
             "torch_threads must be >= 1": self.torch_threads is None or self.torch_threads >= 1,
             "device must be auto, cpu or cuda": self.device in ("auto", "cpu", "cuda"),
+            f"format must be one of {', '.join(FORMATS)}": self.format in FORMATS,
             "lease_ttl must be >= 1 second": self.lease_ttl >= 1,
             "give at most one of --verify, --repair and --overwrite": self.verify + self.repair + self.overwrite <= 1,
         }

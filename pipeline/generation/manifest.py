@@ -1,25 +1,47 @@
 """The output of a generation run: layout, Parquet manifest schema, run.json and resume bookkeeping.
 
-Layout under the output root OUT (a local folder or s3://bucket/prefix):
+Layout under the output root OUT (a local folder or s3://bucket/prefix), by `--format`:
 
     OUT/run.json                       what produced this output (see `run_info`)
-    OUT/images/<shard>/<seed>.png      one grayscale PNG per seed
     OUT/manifest/part-<shard>.parquet  one row per seed of the shard, sorted by seed
+    OUT/stats.json, OUT/contact_sheet.png/.html   written at the end of each run (stats.py, contact_sheet.py)
+    files (default):
+    OUT/images/<shard>/<seed>.png      one grayscale PNG per seed
+    webdataset:
+    OUT/shards/<shard>.tar             per seed, in seed order: <seed>.png, <seed>.txt (the caption, UTF-8),
+                                       <seed>.json (the manifest row less created_at, run_id, tar_offset, tar_size)
+    parquet:
+    (no image files)                   the PNG bytes are in the part itself, column `image`
 
 Shards are the unit of exactly-once. The run's seeds are a sequence (a range
 `seed_start, seed_start+1, ...` or the lines of a seeds file, in file order); shard k holds the
 seeds at positions [k * shard_size, (k+1) * shard_size) of that sequence. For a range starting at 0
 this is simply `shard = seed // shard_size`. A part file is written only once its shard is complete,
-atomically (temp file + fsync + rename locally, a single object PUT on S3), after its PNGs.
+atomically (temp file + fsync + rename locally, a single object PUT on S3), after its images: its
+PNGs (files, written by the actors) or its tar (webdataset, written the same atomic way by the
+driver just before the part; the part's `inkseed.tar_bytes` metadata is the tar's size).
 
 A part counts as done only when it is readable and its key-value metadata (`PART_META`: run_id,
-model digest, shard, row count) match run.json and the shard: a rerun regenerates the shards whose
-part is missing, truncated, unreadable or from another run (pipeline/generation/verify.py checks
-parts; `--verify` also every image's bytes). OUT/lease.json says which run writes OUT right now
-(pipeline/generation/lease.py).
+model digest, shard, row count) match run.json and the shard (and, for webdataset, its tar exists
+with that size): a rerun regenerates the shards whose part is missing, truncated, unreadable or
+from another run (pipeline/generation/verify.py checks parts; `--verify` also every image's bytes).
+OUT/lease.json says which run writes OUT right now (pipeline/generation/lease.py).
 
-`image_path` in the manifest is relative to OUT ("images/00003/31337.png"), so an output can be
-moved or copied from S3 without rewriting its manifest; join it onto OUT to open the image.
+`image_path` in the manifest is relative to OUT, so an output can be moved or copied from S3
+without rewriting its manifest. `CONTAINER#MEMBER` means the PNG is inside a file:
+    files       images/00003/31337.png                 join it onto OUT to open the image
+    webdataset  shards/00003.tar#31337.png             the tar member; its bytes are
+                                                       tar[tar_offset : tar_offset + tar_size]
+    parquet     manifest/part-00003.parquet#31337.png  the row's `image.bytes` in that part
+The webdataset parts add `tar_offset`, `tar_size` (int64: the member's data offset and size in
+bytes); the parquet parts add `image: struct<bytes: binary, path: string>`, the Hugging Face Image
+feature (declared in the part's `huggingface` schema metadata, so `datasets` decodes it to PIL;
+`path` is "<seed>.png"). Each format's parts hold only its own extra columns (`schema_for`).
+The tar's bytes depend only on the checkpoint, the seeds and the sampling settings (fixed member
+mtime 0, uid/gid 0, no run_id or time inside): a regenerated shard is byte-identical.
+
+run.json's `format` is part of the run's identity; a run.json written before formats existed
+(no `format` key) is a files run.
 """
 
 from __future__ import annotations
@@ -31,7 +53,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -47,7 +69,8 @@ SCHEMA = pa.schema(
         # The shard this seed belongs to (also the folder of its image and the part file's number).
         pa.field("shard", pa.int32(), nullable=False),
         pa.field("caption", pa.string(), nullable=False),
-        # Relative to the output root, '/'-separated: images/<shard>/<seed>.png
+        # Relative to the output root, '/'-separated: images/<shard>/<seed>.png, or CONTAINER#MEMBER
+        # for the formats that pack images into files (`image_path`).
         pa.field("image_path", pa.string(), nullable=False),
         # Hex sha256 of the PNG file's bytes.
         pa.field("image_sha256", pa.string(), nullable=False),
@@ -63,27 +86,52 @@ SCHEMA = pa.schema(
     ]
 )
 
+# Output formats (jobs.generate --format): where a seed's PNG goes.
+Format = Literal["files", "webdataset", "parquet"]
+FORMATS: tuple[str, ...] = ("files", "webdataset", "parquet")
+
+# The columns a format's parts hold beyond SCHEMA.
+FORMAT_FIELDS: dict[str, list[pa.Field]] = {
+    "files": [],
+    "webdataset": [
+        # Offset of the PNG member's data in shards/<shard>.tar, and its size, in bytes.
+        pa.field("tar_offset", pa.int64(), nullable=False),
+        pa.field("tar_size", pa.int64(), nullable=False),
+    ],
+    # The Hugging Face Image feature's storage type (nullable, as `datasets` declares it: its
+    # features only apply to a field that equals theirs).
+    "parquet": [pa.field("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))],
+}
+
+# Parquet key-value metadata that makes `datasets` decode the image column to PIL images.
+HF_FEATURES = json.dumps({"info": {"features": {"image": {"_type": "Image"}}}})
+
+# Rows per row group of a parquet-format part, at most: about 100 MB of images each, as `datasets`
+# writes its own image shards (readers hold one row group at a time).
+ROW_GROUP_BYTES = 100 * 2**20
+
+
+def schema_for(fmt: str) -> pa.Schema:
+    """The manifest schema of a format's parts: SCHEMA, then the format's own columns."""
+    return pa.schema(list(SCHEMA) + FORMAT_FIELDS[fmt])
+
+
 # The columns the generation actors return; the driver adds model_digest and run_id.
 WORKER_COLUMNS = (
-    "seed",
-    "shard",
-    "caption",
-    "image_path",
-    "image_sha256",
-    "width",
-    "height",
-    "alignment",
-    "created_at",
-)
+    "seed", "shard", "caption", "image_path", "image_sha256", "width", "height", "alignment", "created_at",
+)  # fmt: skip
 
 _PART_RE = re.compile(r"^part-(\d+)\.parquet$")
+_TAR_RE = re.compile(r"^(\d+)\.tar$")
 
 # Parquet key-value metadata of every part: which run and checkpoint wrote it, and for which shard.
 PART_META = ("inkseed.run_id", "inkseed.model_digest", "inkseed.shard", "inkseed.rows")
+# ... and of a webdataset part: the size of its shard's tar in bytes (resume checks it exists whole).
+TAR_META = "inkseed.tar_bytes"
 
 # Settings that change which bytes a seed produces or where they go: a rerun must match them to
 # resume the output, any other setting (batch size, actors, device) may differ between runs.
-IDENTITY_KEYS = ("model_digest", "seeds", "shard_size", "steps", "bf16")
+IDENTITY_KEYS = ("model_digest", "seeds", "shard_size", "steps", "bf16", "format")
 
 
 class ManifestError(RuntimeError):
@@ -180,9 +228,17 @@ def shard_name(shard: int) -> str:
     return f"{shard:05d}"
 
 
-def image_path(shard: int, seed: int) -> str:
-    """Path of a seed's PNG relative to the output root."""
+def image_path(shard: int, seed: int, fmt: str = "files") -> str:
+    """Where a seed's PNG is, relative to the output root (CONTAINER#MEMBER inside a file)."""
+    if fmt == "webdataset":
+        return f"shards/{shard_name(shard)}.tar#{seed}.png"
+    if fmt == "parquet":
+        return f"manifest/part-{shard_name(shard)}.parquet#{seed}.png"
     return f"images/{shard_name(shard)}/{seed}.png"
+
+
+def tar_uri(out: str, shard: int) -> str:
+    return storage.join(out, "shards", f"{shard_name(shard)}.tar")
 
 
 def part_uri(out: str, shard: int) -> str:
@@ -200,20 +256,48 @@ def part_shards(out: str) -> dict[int, str]:
     return found
 
 
-def write_part(out: str, shard: int, columns: dict[str, list], model_digest: str, run_id: str) -> None:
+def tar_shards(out: str) -> dict[int, str]:
+    """shard -> tar URI, for every <shard>.tar in OUT/shards (a webdataset output's)."""
+    found = {}
+    for uri in storage.list_files(storage.join(out, "shards")):
+        m = _TAR_RE.match(uri.rsplit("/", 1)[-1])
+        if m:
+            found[int(m.group(1))] = uri
+    return found
+
+
+def write_part(
+    out: str,
+    shard: int,
+    columns: dict[str, list],
+    model_digest: str,
+    run_id: str,
+    fmt: str = "files",
+    meta: dict[str, str] | None = None,
+) -> None:
     """Write one complete shard's rows as manifest/part-<shard>.parquet, sorted by seed, atomically
-    and durably: its images' folder is fsynced first, so a part on disk implies its PNGs are."""
+    and durably. `columns` holds WORKER_COLUMNS and the format's own (FORMAT_FIELDS); `meta` adds
+    key-value metadata. A files part fsyncs its images' folder first, so a part on disk implies
+    its PNGs are (a webdataset caller writes the tar, durably, before calling this)."""
+    schema = schema_for(fmt)
     n = len(columns["seed"])
-    arrays = {name: pa.array(columns[name], type=SCHEMA.field(name).type) for name in WORKER_COLUMNS}
+    names = WORKER_COLUMNS + tuple(f.name for f in FORMAT_FIELDS[fmt])
+    arrays = {name: pa.array(columns[name], type=schema.field(name).type) for name in names}
     arrays["model_digest"] = pa.array([model_digest] * n, type=pa.string())
     arrays["run_id"] = pa.array([run_id] * n, type=pa.string())
-    table = pa.Table.from_arrays([arrays[f.name] for f in SCHEMA], schema=SCHEMA).sort_by("seed")
-    meta = dict(zip(PART_META, (run_id, model_digest, str(shard), str(n))))
-    table = table.replace_schema_metadata(meta)
+    table = pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema).sort_by("seed")
+    kv = {**dict(zip(PART_META, (run_id, model_digest, str(shard), str(n)))), **(meta or {})}
+    row_group = None
+    if fmt == "parquet":
+        kv["huggingface"] = HF_FEATURES
+        image_bytes = sum(len(image["bytes"]) for image in columns["image"])
+        row_group = max(1, n * ROW_GROUP_BYTES // max(1, image_bytes))
+    table = table.replace_schema_metadata(kv)
     buf = io.BytesIO()
     # Page checksums: a flipped bit inside the file fails verification instead of reading as data.
-    pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
-    storage.sync_dir(storage.join(out, "images", shard_name(shard)))
+    pq.write_table(table, buf, compression="zstd", write_page_checksum=True, row_group_size=row_group)
+    if fmt == "files":
+        storage.sync_dir(storage.join(out, "images", shard_name(shard)))
     storage.write_bytes(part_uri(out, shard), buf.getvalue(), durable=True)
 
 
@@ -224,6 +308,7 @@ def run_info(
     plan: SeedPlan,
     steps: int | None,
     bf16: bool | None,
+    fmt: str = "files",
     config: dict,
     versions: dict,
 ) -> dict[str, Any]:
@@ -234,6 +319,7 @@ def run_info(
         "shard_size": plan.shard_size,
         "steps": steps,
         "bf16": bf16,
+        "format": fmt,
         "run_id": run_id,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": config,
@@ -252,6 +338,8 @@ def read_run(out: str) -> dict[str, Any] | None:
         raise ManifestError(
             f"{uri} is not valid JSON ({e}): restore it from a copy, or pass --overwrite to discard this output"
         ) from None
+    if isinstance(info, dict):
+        info.setdefault("format", "files")  # written before there were formats
     missing = [k for k in (*IDENTITY_KEYS, "run_id") if not isinstance(info, dict) or k not in info]
     if missing:
         raise ManifestError(
@@ -287,16 +375,20 @@ def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
+# What a run writes under OUT besides run.json: removed by `clear` (nothing else under OUT is).
+OUTPUT_DIRS = ("manifest", "images", "shards")
+OUTPUT_FILES = ("stats.json", "contact_sheet.png", "contact_sheet.html")
+
+
 def clear(out: str) -> None:
-    """Remove a previous run's run.json, manifest/ and images/ (and nothing else under OUT)."""
-    storage.delete_dir(storage.join(out, "manifest"))
-    storage.delete_dir(storage.join(out, "images"))
-    run_json = storage.join(out, "run.json")
-    if storage.exists(run_json):
-        fs, path = storage.filesystem(run_json)
-        fs.delete_file(path)
+    """Remove a previous run's run.json, its folders (manifest/, images/, shards/) and its stats and
+    contact sheet, and nothing else under OUT."""
+    for name in OUTPUT_DIRS:
+        storage.delete_dir(storage.join(out, name))
+    for name in (*OUTPUT_FILES, "run.json"):
+        storage.delete_file(storage.join(out, name))
 
 
 def has_output(out: str) -> bool:
     """Whether OUT already holds generation output (manifest parts or images)."""
-    return storage.exists(storage.join(out, "manifest")) or storage.exists(storage.join(out, "images"))
+    return any(storage.exists(storage.join(out, name)) for name in OUTPUT_DIRS)

@@ -1,15 +1,17 @@
 """Mass generation on Ray Data: seeds -> engravings (PNG) + captions + Parquet manifests.
 
     the Ray Data pipeline (pipeline/generation/sampler.py): seeds -> actors -> manifest columns
-      -> driver (here): iter_batches, buffer rows per shard, write manifest/part-<shard>.parquet
-         when the shard is complete
+      -> driver (here): iter_batches, buffer rows per shard; when the shard is complete, write
+         it in the run's format (pipeline/generation/formats.py: the tar, then the part)
+      -> at the end: validate the manifest, write OUT/contact_sheet.png and OUT/stats.json
 
-The output layout, the shard rule and the manifest schema are in pipeline/generation/manifest.py. A rerun of
-the same command skips the shards whose part is done (readable, this run's, complete:
-pipeline/generation/verify.py) and regenerates the others (a seed always gives the same caption
-and image), so after any interruption every seed ends up in the manifest exactly once. A rerun
-whose checkpoint, seeds, shard size or sampling settings differ from OUT/run.json is refused
-unless `overwrite`, which deletes the previous run.json, manifest/ and images/ and starts fresh.
+The output layout, the formats, the shard rule and the manifest schema are in
+pipeline/generation/manifest.py. A rerun of the same command skips the shards whose part is done
+(readable, this run's, complete: pipeline/generation/verify.py) and regenerates the others (a seed
+always gives the same caption and image), so after any interruption every seed ends up in the
+manifest exactly once. A rerun whose checkpoint, seeds, shard size, format or sampling settings
+differ from OUT/run.json is refused unless `overwrite`, which deletes the previous run's files
+(manifest.clear) and starts fresh.
 
 One writer at a time: the run holds OUT's lease (pipeline/generation/lease.py) from before Ray
 starts to its end, so a second run, or an `overwrite`, refuses while this one is alive. `verify`
@@ -35,12 +37,12 @@ import ray
 import torch
 
 from model.checkpoint import CheckpointError, load_checkpoint_files, read_checkpoint_files
-from pipeline import storage
-from pipeline.generation import errors, manifest, verify
+from pipeline import contact_sheet, storage
+from pipeline.generation import errors, formats, manifest, stats, verify
 from pipeline.generation.config import GenerateConfig, GenerateError
 from pipeline.generation.lease import Lease
 from pipeline.generation.manifest import SeedPlan
-from pipeline.generation.sampler import build_dataset, resolve_resources
+from pipeline.generation.sampler import TIMING_COLUMNS, build_dataset, resolve_resources
 
 
 def _say(message: str) -> None:
@@ -48,29 +50,42 @@ def _say(message: str) -> None:
 
 
 class _ShardBuffer:
-    """Manifest rows of the shards still being generated (metadata only, a few shards at a time).
+    """Manifest rows of the shards still being generated, a few shards at a time: metadata only in
+    the files format, with each row's PNG bytes in the others.
 
-    Rows are keyed by seed: a retried Ray task may deliver a row twice, the manifest holds it once.
+    Rows are keyed by seed: a retried Ray task may deliver a row twice, the manifest holds it once
+    (`duplicates` counts the rows dropped). `seconds` sums the actors' timing columns and the
+    driver's own shard writes, for stats.json.
     """
 
-    def __init__(self, out: str, plan: SeedPlan, model_digest: str, run_id: str, lease: Lease | None = None) -> None:
+    def __init__(
+        self, out: str, plan: SeedPlan, model_digest: str, run_id: str, lease: Lease | None = None, fmt: str = "files"
+    ) -> None:
         self.out, self.plan, self.model_digest, self.run_id = out, plan, model_digest, run_id
-        self.lease = lease
+        self.lease, self.fmt = lease, fmt
+        self.columns = manifest.WORKER_COLUMNS + (() if fmt == "files" else ("png",))
         self.rows: dict[int, dict[int, tuple]] = defaultdict(dict)
         self.written: set[int] = set()
+        self.duplicates = 0
+        self.seconds = dict.fromkeys((*TIMING_COLUMNS, "write"), 0.0)
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
-        for row in zip(*(batch[c].tolist() for c in manifest.WORKER_COLUMNS)):  # Python values
+        for name in TIMING_COLUMNS:
+            self.seconds[name] += float(batch[name].sum())
+        for row in zip(*(batch[c].tolist() for c in self.columns)):  # Python values
             shard = row[1]
-            if shard in self.written:
-                continue
             rows = self.rows[shard]
+            if shard in self.written or row[0] in rows:
+                self.duplicates += 1
+                continue
             rows[row[0]] = row
             if len(rows) == self.plan.shard_len(shard):
                 if self.lease is not None:
                     self.lease.check(fresh=True)  # a run that lost its lease writes no part
-                columns = dict(zip(manifest.WORKER_COLUMNS, map(list, zip(*rows.values()))))
-                manifest.write_part(self.out, shard, columns, self.model_digest, self.run_id)
+                start = time.perf_counter()
+                columns = dict(zip(self.columns, map(list, zip(*rows.values()))))
+                formats.write_shard(self.out, self.fmt, shard, columns, self.model_digest, self.run_id)
+                self.seconds["write"] += time.perf_counter() - start
                 self.written.add(shard)
                 del self.rows[shard]
 
@@ -118,6 +133,7 @@ def _new_info(cfg: GenerateConfig, plan: SeedPlan, model_digest: str) -> dict[st
         plan=plan,
         steps=cfg.steps,
         bf16=cfg.bf16,
+        fmt=cfg.format,
         config=dataclasses.asdict(cfg),
         versions=_versions(),
     )
@@ -137,7 +153,7 @@ def existing_run_id(cfg: GenerateConfig, info: dict[str, Any]) -> str | None:
         return old["run_id"]
     if manifest.has_output(cfg.output):
         raise GenerateError(
-            f"output {cfg.output} has manifest/ or images/ but no run.json; pass --overwrite to discard them"
+            f"output {cfg.output} has manifest/, images/ or shards/ but no run.json; pass --overwrite to discard them"
         )
     return None
 
@@ -169,40 +185,47 @@ def _verify_only(cfg: GenerateConfig, plan: SeedPlan, digest: str, own_token: st
     return {"output": cfg.output, "run_id": report.run_id, "manifest_rows": report.rows, "verified": True}
 
 
-def _drop_damaged(cfg: GenerateConfig, plan: SeedPlan, own_token: str) -> None:
-    """--repair: delete the parts of the shards verification finds damaged, and parts of shards the
-    run does not have, so that the generation below regenerates exactly those shards."""
+def _drop_damaged(cfg: GenerateConfig, plan: SeedPlan, own_token: str) -> int:
+    """--repair: delete the parts of the shards verification finds damaged, and parts and tars of
+    shards the run does not have, so that the generation below regenerates exactly those shards.
+    Returns how many shards it will regenerate."""
     report = verify.verify_output(cfg.output, plan, own_token=own_token)
     for line in report.lines()[1:-1]:
         _say(f"repair: {line.strip()}")
     for name in report.extra:
         storage.delete_file(storage.join(cfg.output, "manifest", name))
+    for rel in report.extra_tars:
+        storage.delete_file(storage.join(cfg.output, rel))
     for shard in report.damaged_shards:
         storage.delete_file(manifest.part_uri(cfg.output, shard))
+    return len(report.damaged_shards)
 
 
-def _pending_shards(cfg: GenerateConfig, plan: SeedPlan, run_id: str, digest: str) -> list[int]:
-    """Shards without a done part (the others are skipped), each unusable part named; the temp
-    files that killed writes left in their folders are removed (the lease makes that safe)."""
-    done, unusable = verify.done_shards(cfg.output, plan, run_id, digest)
+def _pending_shards(cfg: GenerateConfig, plan: SeedPlan, run_id: str, digest: str) -> tuple[list[int], int]:
+    """Shards without a done part (the others are skipped), and how many had an unusable one, each
+    named; the temp files that killed writes left in their folders are removed (the lease makes
+    that safe)."""
+    done, unusable = verify.done_shards(cfg.output, plan, run_id, digest, cfg.format)
     for shard, problem in sorted(unusable.items()):
         _say(f"{manifest.part_uri(cfg.output, shard)} is not usable ({problem}): regenerating shard {shard}")
     pending = [s for s in range(plan.num_shards) if s not in done]
     _remove_temp_files(cfg.output, pending)
-    return pending
+    return pending, len(unusable)
 
 
 def _remove_temp_files(out: str, shards: list[int]) -> None:
-    for folder in [out, storage.join(out, "manifest")] + [
+    for folder in [out, storage.join(out, "manifest"), storage.join(out, "shards")] + [
         storage.join(out, "images", manifest.shard_name(s)) for s in shards
     ]:
         storage.remove_temp_files(folder)
 
 
-def _generate(cfg: GenerateConfig, plan: SeedPlan, pending: list[int], ckpt: tuple, run_id: str, lease: Lease) -> None:
-    """Stream the pending shards through the actors; write each part once its shard is complete."""
+def _generate(
+    cfg: GenerateConfig, plan: SeedPlan, pending: list[int], ckpt: tuple, run_id: str, lease: Lease
+) -> _ShardBuffer:
+    """Stream the pending shards through the actors; write each shard once it is complete."""
     files, digest = ckpt
-    buffer = _ShardBuffer(cfg.output, plan, digest, run_id, lease)
+    buffer = _ShardBuffer(cfg.output, plan, digest, run_id, lease, cfg.format)
     dataset = build_dataset(cfg, plan, pending, (files, digest), lease_token=lease.token)
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -214,11 +237,14 @@ def _generate(cfg: GenerateConfig, plan: SeedPlan, pending: list[int], ckpt: tup
         _remove_temp_files(cfg.output, pending)
         raise
     buffer.check_done()
+    return buffer
 
 
 def run_generation(cfg: GenerateConfig) -> dict[str, Any]:
-    """Generate every pending seed of the run, then validate the manifest; return the summary.
-    With cfg.verify, only check the output; with cfg.repair, regenerate what verification finds."""
+    """Generate every pending seed of the run, validate the manifest, write the contact sheet and
+    stats.json; return the summary. With cfg.verify, only check the output; with cfg.repair,
+    regenerate what verification finds."""
+    began = time.perf_counter()
     # 1. Every input is checked before Ray starts or anything is written.
     cfg.validate()
     plan = seed_plan(cfg)
@@ -244,21 +270,67 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any]:
         # 4. run.json: refuse a different previous run, or record this one.
         run_id = prepare_output(cfg, plan, digest)
         lease.set_run_id(run_id)
-        if cfg.repair:
-            _drop_damaged(cfg, plan, lease.token)
-        pending = _pending_shards(cfg, plan, run_id, digest)
+        repaired = _drop_damaged(cfg, plan, lease.token) if cfg.repair else 0
+        pending, unusable = _pending_shards(cfg, plan, run_id, digest)
         # 5. Generate what is missing, then check every seed is in the manifest exactly once.
-        start = time.perf_counter()
-        if pending:
-            _generate(cfg, plan, pending, (files, digest), run_id, lease)
-        seconds = time.perf_counter() - start
+        clock = {"setup": time.perf_counter()}
+        buffer = _generate(cfg, plan, pending, (files, digest), run_id, lease) if pending else None
+        clock["generation"] = time.perf_counter()
         lease.check()
-        rows = verify.validate(cfg.output, plan, run_id, digest)
+        rows = verify.validate(cfg.output, plan, run_id, digest, cfg.format)
         if cfg.repair:
             _verify_only(dataclasses.replace(cfg, repair=False), plan, digest, lease.token)
+        clock["validation"] = time.perf_counter()
+        # 6. What the run looks like (its first seeds) and what it did: OUT/stats.json.
+        _write_contact_sheet(cfg.output)
+        clock["contact_sheet"] = time.perf_counter()
+        marks = [began, *clock.values()]
+        seconds = {name: b - a for name, a, b in zip(clock, marks, marks[1:])}
+        record = _run_record(cfg, plan, run_id, pending, rows, buffer, seconds | {"wall": marks[-1] - began})
+        record["failures"].update(unusable_shards=unusable, repaired_shards=repaired)
+        stats.write_stats(cfg.output, stats.run_stats(cfg.output, record))
     finally:
         lease.release()
-    return _summary(cfg, plan, pending, seconds, rows, run_id)
+    return _summary(cfg, plan, pending, seconds["generation"], rows, run_id)
+
+
+def _write_contact_sheet(out: str) -> None:
+    """OUT/contact_sheet.png and .html of the first seeds. An image it cannot read (a damaged output
+    that a rerun does not look at) is named and the sheet skipped: the manifest is complete."""
+    try:
+        contact_sheet.write_contact_sheet(out)
+    except (contact_sheet.ContactSheetError, storage.StorageError, OSError) as e:
+        _say(f"no contact sheet: {' '.join(str(e).split())[:300]} (--verify checks every image; --repair fixes them)")
+
+
+def _run_record(
+    cfg: GenerateConfig,
+    plan: SeedPlan,
+    run_id: str,
+    pending: list[int],
+    rows: int,
+    buffer: _ShardBuffer | None,
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    """The driver's part of stats.json (pipeline/generation/stats.py): counts, seconds, failures."""
+    generated = sum(plan.shard_len(s) for s in pending)
+    spent = buffer.seconds if buffer else dict.fromkeys(("model_s", "encode_s", "write"), 0.0)
+    seconds |= {"actor_model": spent["model_s"], "actor_encode": spent["encode_s"], "driver_write": spent["write"]}
+    return {
+        "run_id": run_id,
+        "format": cfg.format,
+        "counts": {
+            "seeds": plan.count,
+            "shards": plan.num_shards,
+            "manifest_rows": rows,
+            "generated_seeds": generated,
+            "generated_shards": len(pending),
+            "skipped_shards": plan.num_shards - len(pending),
+        },
+        "seconds": {name: round(value, 3) for name, value in seconds.items()},
+        "seeds_per_s": round(generated / seconds["generation"], 2) if seconds["generation"] > 0 else 0.0,
+        "failures": {"duplicate_rows": buffer.duplicates if buffer else 0},
+    }
 
 
 def _summary(cfg: GenerateConfig, plan: SeedPlan, pending: list[int], seconds: float, rows: int, run_id: str) -> dict:
@@ -269,11 +341,13 @@ def _summary(cfg: GenerateConfig, plan: SeedPlan, pending: list[int], seconds: f
         "seconds": round(seconds, 2),
         "seeds_per_s": round(generated / seconds, 2) if seconds > 0 else 0.0,
         "output": cfg.output,
+        "format": cfg.format,
         "manifest_rows": rows,
         "run_id": run_id,
     }
     _say(
         f"{plan.count} seeds ({generated} generated now) in {seconds:.1f} s, "
-        f"{summary['seeds_per_s']} seeds/s -> {cfg.output}; manifest rows: {rows}"
+        f"{summary['seeds_per_s']} seeds/s -> {cfg.output} ({cfg.format}); manifest rows: {rows}; "
+        f"stats: {storage.join(cfg.output, 'stats.json')}"
     )
     return summary

@@ -2,7 +2,9 @@
 
     ray.data.range(slots of the pending shards)
       -> map_batches(_assign_seeds)                   slot -> (seed, shard), from the row alone
-      -> map_batches(SampleBatch, ActorPoolStrategy)  generate, write PNGs, return manifest columns
+      -> map_batches(SampleBatch, ActorPoolStrategy)  generate, write PNGs (files format) or return
+                                                      their bytes (webdataset, parquet), return
+                                                      manifest columns
 
 Seeds and file names derive from the row, never from the worker, so any actor, any batch and
 any retry gives the same seed the same output.
@@ -15,6 +17,7 @@ import datetime as dt
 import hashlib
 import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
@@ -28,6 +31,10 @@ from pipeline import storage
 from pipeline.generation import lease, manifest
 from pipeline.generation.config import GenerateConfig, GenerateError
 from pipeline.generation.manifest import SeedPlan
+
+# Columns the actors return beside the manifest's: the batch's model and encode(+write) seconds,
+# spread over its rows (the driver sums them for stats.json; they are not stored in the manifest).
+TIMING_COLUMNS = ("model_s", "encode_s")
 
 # Ray Data blocks of this many model batches: big enough that per-task overhead is small next to
 # sampling, small enough that several actors share a few-hundred-seed run.
@@ -78,11 +85,13 @@ def encode_png(image: np.ndarray) -> tuple[bytes, str]:
 
 
 class SampleBatch:
-    """Ray Data callable class: a batch of seeds -> PNGs under OUT/images + manifest columns.
+    """Ray Data callable class: a batch of seeds -> PNGs + manifest columns.
 
     Loads the checkpoint once per actor. The actor runs two calls at once (see `build_dataset`):
-    the model is behind a lock, so one call samples while the other encodes and writes its PNGs.
-    With a `lease_token`, each batch first checks that its run still holds the output's lease
+    the model is behind a lock, so one call samples while the other encodes (and writes) its PNGs.
+    In the files format it writes them under OUT/images; in the others it returns their bytes in
+    a `png` column, and the driver packs the shard (pipeline/generation/formats.py). With a
+    `lease_token`, each batch first checks that its run still holds the output's lease
     (pipeline/generation/lease.py): an actor of a run that lost it writes nothing more.
     """
 
@@ -100,6 +109,7 @@ class SampleBatch:
         torch_threads: int | None,
         pool_size: int | None,
         lease_token: str | None = None,
+        fmt: str = "files",
     ) -> None:
         try:
             resolved = resolve_device(device)
@@ -111,26 +121,37 @@ class SampleBatch:
         if self.ink.digest != digest:
             raise GenerateError(f"checkpoint digest changed in transit: {self.ink.digest} != {digest}")
         self.bf16, self.steps, self.batch_size = bf16, steps, batch_size
-        self.output, self.lease_token = output, lease_token
+        self.output, self.lease_token, self.fmt = output, lease_token, fmt
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="png-io")
         self.model_lock = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         seeds, shards = batch["seed"], batch["shard"]  # (B,) int64, (B,) int32
         with self.model_lock:
+            start = time.perf_counter()
             samples = generate_seeds(self.ink, seeds.tolist(), self.batch_size, steps=self.steps, bf16=self.bf16)
+            model_s = time.perf_counter() - start
         created = np.datetime64(dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), "us")
-        paths = [manifest.image_path(int(sh), int(s)) for sh, s in zip(shards, seeds)]
-        if self.lease_token is not None:
-            lease.still_held(self.output, self.lease_token)
-        # The row is returned only after its PNG is written: a manifest row implies its image. On a
-        # failed write (disk full) every other write of the batch ends first, so none is cut off
-        # halfway and leaves a temp file, then the first error is raised.
-        futures = [self.pool.submit(self._write_png, img, path) for img, path in zip(samples.images, paths)]
-        wait(futures)
-        sha = [f.result() for f in futures]
+        paths = [manifest.image_path(int(sh), int(s), self.fmt) for sh, s in zip(shards, seeds)]
+        start = time.perf_counter()
+        if self.fmt == "files":
+            if self.lease_token is not None:
+                lease.still_held(self.output, self.lease_token)
+            # The row is returned only after its PNG is written: a manifest row implies its image.
+            # On a failed write (disk full) every other write of the batch ends first, so none is
+            # cut off halfway and leaves a temp file, then the first error is raised.
+            futures = [self.pool.submit(self._write_png, img, path) for img, path in zip(samples.images, paths)]
+            wait(futures)
+            sha, pngs = [f.result() for f in futures], None
+        else:  # the driver writes them: nothing here touches the output
+            encoded = list(self.pool.map(encode_png, samples.images))
+            pngs, sha = [data for data, _ in encoded], [digest for _, digest in encoded]
         n, (h, w) = len(seeds), samples.images.shape[1:]  # images (B, H, W) uint8
+        encode_s = time.perf_counter() - start
+        timing = {"model_s": np.full(n, model_s / max(n, 1)), "encode_s": np.full(n, encode_s / max(n, 1))}
         return {
+            **({} if pngs is None else {"png": np.asarray(pngs, dtype=object)}),
+            **timing,
             "seed": seeds,
             "shard": shards,
             "caption": np.asarray(samples.captions, dtype=object),
@@ -187,6 +208,7 @@ def build_dataset(
             "torch_threads": cfg.torch_threads,
             "pool_size": cfg.max_actors,
             "lease_token": lease_token,
+            "fmt": cfg.format,
         },
         # Two calls in flight per actor with real threads: the model lock in SampleBatch keeps one
         # sampling at a time, while the other call's PNG writes overlap it.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -120,18 +121,29 @@ class TrainConfig:
     # Where Ray Train keeps runs (local folder or s3://); the run lives in <storage_path>/<name>.
     # A multi-node cluster needs storage every node reaches (s3://, or a shared mount).
     storage_path: str = "runs"
-    # Run name: the same name and storage path resume the run instead of starting over.
+    # Run name, a folder name of letters, digits, ".", "_" and "-" (at most 100): the same name
+    # and storage path resume the run instead of starting over.
     name: str = "inkseed-base"
     # Seeds the model init and the per-epoch randomness (data order, posterior sampling).
     seed: int = 0
     # Report a checkpoint every N epochs (the last epoch of phase 1 is always checkpointed).
     checkpoint_every: int = 1
-    # Checkpoints kept, best by val loss (the latest one is always kept too).
+    # Report a checkpoint every N prior epochs in phase 2 (0 = only the final one), so a failure
+    # there resumes the prior's fit instead of redoing it.
+    prior_checkpoint_every: int = 25
+    # Checkpoints kept, best by val loss (the latest one is always kept too); with 2 or more, a
+    # corrupt latest checkpoint falls back to the one before it.
     num_to_keep: int = 2
     # Worker failures Ray Train recovers from (restarting from the latest checkpoint).
     max_failures: int = 2
+    # Resume even when the data, batch_size or num_workers differ from the run's start (they are
+    # refused otherwise); the LR schedule keeps the total steps it started with.
+    allow_changed_setup: bool = False
     # Testing only: every worker raises after this epoch's report, on the first attempt only.
     fail_after_epoch: int | None = None
+    # Testing only: every worker raises after this prior epoch's checkpoint, unless the attempt
+    # resumed from a phase-2 checkpoint.
+    fail_after_prior_epoch: int | None = None
 
     # -- metrics ------------------------------------------------------------------------------
 
@@ -162,8 +174,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.wandb_mode not in ("auto", "online", "offline", "disabled"):
             raise ValueError(f"TrainConfig.wandb_mode must be auto/online/offline/disabled, got {self.wandb_mode!r}")
-        if not self.name or "/" in self.name:
-            raise ValueError(f"TrainConfig.name must be a non-empty folder name, got {self.name!r}")
+        check_run_name(self.name)
+        if self.prior_checkpoint_every < 0:
+            raise ValueError(f"TrainConfig.prior_checkpoint_every must be >= 0, got {self.prior_checkpoint_every}")
         self.loss_weights = {k: float(v) for k, v in dict(self.loss_weights).items()}
 
     def autocast(self, device: torch.device) -> bool:
@@ -179,6 +192,27 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one folder under the storage path, the same locally and on S3: letters,
+    digits, ".", "_" and "-", at most 100 of them, not "." or "..", not starting with "-" (a flag)."""
+    if not name:
+        problem = "is empty"
+    elif len(name) > 100:
+        problem = f"has {len(name)} characters, more than 100"
+    elif name in (".", ".."):
+        problem = "is not a folder name"
+    elif name.startswith("-"):
+        problem = "starts with '-'"
+    elif not RUN_NAME.fullmatch(name):
+        problem = "has characters other than letters, digits, '.', '_' and '-'"
+    else:
+        return
+    raise ValueError(f"--name {name!r} {problem}: choose a plain folder name such as base-v1")
 
 
 def load_train_config(path: str) -> TrainConfig:

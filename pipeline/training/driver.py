@@ -1,12 +1,15 @@
 """The training driver: check the inputs, build the tokenizer and datasets, run Ray Train, export.
 
 `run_training(cfg)` checks the inputs (a missing dataset, an unwritable storage path, too few
-cluster resources, a resume or init_from with another model config: all before any work), builds
+cluster resources, a resume or init_from with another model config, a resume with other data,
+batch size or worker count: all before any work), picks the checkpoint to resume from (the
+latest usable one: pipeline/training/resume.py), builds
 the tokenizer from the training captions (saved once per run as `<run>/tokenizer.json` and reused
 on resume, so token ids never shift under a checkpoint), reads the train/val datasets (Ray Data,
 decoded once and cached in the object store), runs `TorchTrainer(train_loop_per_worker)`
 (pipeline/training/worker.py) and exports the final model as a self-contained checkpoint
-(model/checkpoint.py format) to `<storage_path>/<name>/export`.
+(model/checkpoint.py format) to `<storage_path>/<name>/export` (replaced whole:
+pipeline/training/export.py).
 """
 
 from __future__ import annotations
@@ -20,14 +23,16 @@ import ray.data
 import ray.train
 import ray.train.torch
 
-from model.checkpoint import CheckpointError, load_checkpoint
+from model.checkpoint import CheckpointError
 from model.config import ModelConfig
 from model.images import to_uint8
 from model.tokenizer import CaptionTokenizer
 from pipeline import storage
 from pipeline.data.ingest import read_captions, read_dataset, read_options
 from pipeline.training.config import TrainConfig, TrainError, model_config, run_dir
-from pipeline.training.state import MODEL_DIR, read_phase
+from pipeline.training.export import export_checkpoint
+from pipeline.training.resume import check_setup, choose, current_setup, run_checkpoints
+from pipeline.training.state import Restored
 from pipeline.training.worker import train_loop_per_worker
 
 
@@ -66,7 +71,15 @@ def run_tokenizer(cfg: TrainConfig) -> CaptionTokenizer:
     in the run folder, reloaded from there on resume (so ids never shift under a checkpoint)."""
     uri = storage.join(run_dir(cfg), "tokenizer.json")
     if storage.exists(uri):
-        return CaptionTokenizer.from_json(storage.read_bytes(uri).decode())
+        try:
+            return CaptionTokenizer.from_json(storage.read_bytes(uri).decode())
+        except storage.StorageError:
+            raise
+        except Exception as e:  # noqa: BLE001  (tokenizers raises plain Exception subclasses)
+            raise TrainError(
+                f"{uri} is not a valid tokenizer ({storage.describe(e)}): restore it, or start a new run "
+                "with another --name"
+            ) from e
     if cfg.init_from:  # the weights' token ids
         tokenizer = storage.open_checkpoint(cfg.init_from).tokenizer
         storage.write_bytes(uri, tokenizer.to_json().encode())
@@ -115,22 +128,27 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def run_training(cfg: TrainConfig) -> str:
-    """Train (or resume) the run `<storage_path>/<name>`; returns the exported checkpoint URI."""
-    if not ray.is_initialized():
-        ray.init()
+    """Train (or resume) the run `<storage_path>/<name>`; returns the exported checkpoint URI.
+    Every check that needs no cluster comes first, then Ray starts (or is joined, under
+    `ray job submit`) and the cluster's resources are checked."""
     cfg = absolute_paths(cfg)
     check_inputs(cfg)
     export = storage.join(run_dir(cfg), "export")
-    latest = latest_checkpoint(cfg)
-    if latest is not None and read_phase(latest) == "done":  # the run ended: nothing to train
-        return export_checkpoint(latest, export)
-    if cfg.check_resources:
-        check_resources(cfg)
+    latest, kept = run_checkpoints(cfg)
+    restored = choose(latest, lambda: kept, run_dir(cfg))
+    if restored is not None and restored.state.phase == "done":  # the run ended: nothing to train
+        return export_checkpoint(restored.checkpoint, export)
     mc = model_config(cfg)
-    if latest is not None:
-        check_resumable(latest, mc, run_dir(cfg))
+    setup = current_setup(cfg)
+    if restored is not None:
+        check_resumable(restored, mc, run_dir(cfg))
+        check_setup(restored.state.setup, setup, cfg)
     elif cfg.init_from:
         check_init_from(cfg.init_from, mc)
+    if not ray.is_initialized():
+        ray.init()
+    if cfg.check_resources:
+        check_resources(cfg)
     tokenizer = run_tokenizer(cfg)
     datasets, counts, preview = build_datasets(cfg, tokenizer, mc)
     steps_per_epoch = counts["train"] // cfg.num_workers // cfg.batch_size
@@ -139,48 +157,17 @@ def run_training(cfg: TrainConfig) -> str:
             f"{counts['train']} training rows cannot fill one batch of {cfg.batch_size} on each of "
             f"{cfg.num_workers} workers; lower --batch-size or --num-workers"
         )
-    fs, path = storage.filesystem(cfg.storage_path)
-    trainer = ray.train.torch.TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "train": cfg.to_dict(),
-            "model": mc.to_dict(),
-            "tokenizer": tokenizer.to_json(),
-            "steps_per_epoch": steps_per_epoch,
-            "counts": counts,
-            "preview": preview,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.name,
-            storage_path=path,
-            storage_filesystem=fs,
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.num_to_keep,
-                checkpoint_score_attribute="val_loss",
-                checkpoint_score_order="min",
-            ),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-        ),
-        datasets=datasets,
-    )
-    result = trainer.fit()
+    config = {
+        "train": cfg.to_dict(),
+        "model": mc.to_dict(),
+        "tokenizer": tokenizer.to_json(),
+        "steps_per_epoch": steps_per_epoch,
+        "setup": setup,
+        "counts": counts,
+        "preview": preview,
+    }
+    result = trainer(cfg, config, datasets).fit()
     return export_checkpoint(result.checkpoint, export)
-
-
-def latest_checkpoint(cfg: TrainConfig) -> ray.train.Checkpoint | None:
-    """The latest checkpoint this run reported (None for a new run)."""
-    if not storage.exists(run_dir(cfg)):
-        return None
-    fs, path = storage.filesystem(run_dir(cfg))
-    try:
-        return ray.train.Result.from_path(path, storage_filesystem=fs).checkpoint
-    except RuntimeError:  # Ray Train's "no run snapshot here": the run never reported
-        return None
 
 
 def _config_changes(saved: ModelConfig, mc: ModelConfig) -> list[str]:
@@ -189,11 +176,10 @@ def _config_changes(saved: ModelConfig, mc: ModelConfig) -> list[str]:
     return [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
 
 
-def check_resumable(checkpoint: ray.train.Checkpoint, mc: ModelConfig, run: str) -> None:
+def check_resumable(restored: Restored, mc: ModelConfig, run: str) -> None:
     """Resuming continues the same model: refuse (before any work) a run whose checkpoint was
     made with another model config (another preset, image size, loss weights, or code defaults)."""
-    with checkpoint.as_directory() as d:
-        changed = _config_changes(load_checkpoint(os.path.join(d, MODEL_DIR)).config, mc)
+    changed = _config_changes(restored.config, mc)
     if changed:
         raise TrainError(
             f"run {run} was started with another model config ({'; '.join(changed)}): resume it with "
@@ -215,17 +201,27 @@ def check_init_from(uri: str, mc: ModelConfig) -> None:
         )
 
 
-def export_checkpoint(checkpoint: ray.train.Checkpoint | None, dest: str) -> str:
-    """Copy the final checkpoint's `model/` folder (the self-contained model checkpoint) to
-    dest, print and return dest."""
-    if checkpoint is None:
-        raise TrainError("the run reported no checkpoint to export")
-    if read_phase(checkpoint) != "done":
-        raise TrainError(f"latest checkpoint {checkpoint.path} is not the finished run's")
-    src_fs, src = checkpoint.filesystem, checkpoint.path
-    dst_fs, dst = storage.filesystem(dest)
-    storage.delete_dir(dest)
-    dst_fs.create_dir(dst, recursive=True)
-    pafs.copy_files(f"{src}/{MODEL_DIR}", dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
-    print(f"exported checkpoint: {dest}")
-    return dest
+def trainer(cfg: TrainConfig, loop_config: dict, datasets: dict) -> ray.train.torch.TorchTrainer:
+    """The TorchTrainer of run `cfg.name`: its workers, storage and checkpoint policy."""
+    fs, path = storage.filesystem(cfg.storage_path)
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=path,
+            storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.num_to_keep,
+                checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets=datasets,
+    )

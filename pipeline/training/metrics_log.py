@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -52,8 +53,9 @@ class RunLogger:
     metrics.jsonl lives at `<run_dir>/metrics.jsonl` (local or s3://). It is rewritten whole
     on each `log` (an S3 object cannot be appended to; the file stays small: one line per
     `log_every` steps and per epoch), after reading back what earlier attempts of the run wrote
-    up to `resume_step` (the restored checkpoint's step): rows of work lost in a failure are
-    dropped, since that work is done again (all of phase 2, "prior" rows, restarts whole).
+    up to `resume_step` (the restored checkpoint's step) and, for phase-2 rows, up to
+    `resume_prior_step` (0 unless a phase-2 checkpoint was restored): rows of work lost in a
+    failure are dropped, since that work is done again.
     """
 
     def __init__(
@@ -66,12 +68,13 @@ class RunLogger:
         local_dir: str,
         config: dict[str, Any],
         resume_step: int = 0,
+        resume_prior_step: int = 0,
     ) -> None:
         self.metrics_uri = storage.join(run_dir, "metrics.jsonl")
         self._lines: list[str] = []
         if storage.exists(self.metrics_uri):
             lines = storage.read_bytes(self.metrics_uri).decode().splitlines()
-            self._lines = [x for x in lines if _kept_on_resume(json.loads(x), resume_step)]
+            self._lines = [x for x in lines if _kept_on_resume(json.loads(x), resume_step, resume_prior_step)]
         self.run = None
         resolved = resolve_wandb_mode(mode)
         if resolved != "disabled":
@@ -136,8 +139,10 @@ def _init_wandb(project: str, mode: str, run_id: str, local_dir: str, config: di
     return run
 
 
-def _kept_on_resume(row: dict[str, Any], resume_step: int) -> bool:
-    return row["kind"] != "prior" and row.get("global_step", 0) <= resume_step
+def _kept_on_resume(row: dict[str, Any], resume_step: int, resume_prior_step: int) -> bool:
+    if row["kind"] == "prior":  # step rows of phase 2 up to its checkpoint; its summary row is written again
+        return row.get("prior/step", math.inf) <= resume_prior_step
+    return row.get("global_step", 0) <= resume_step
 
 
 def _plain(v: Any) -> Any:

@@ -1,9 +1,18 @@
-"""What a training checkpoint holds and how it is written, reported and restored (pickle-free).
+"""What a training checkpoint holds and how it is written, reported, verified and read (pickle-free).
 
 Checkpoint directory, one per `ray.train.report`:
-    model/                  save_checkpoint(...) output: weights, config, tokenizer (exportable)
-    optimizer.safetensors   AdamW state through model.checkpoint.save_state (the one optimizer serialiser)
-    train_state.json        TrainState and the LR scheduler state
+    model/                        save_checkpoint(...) output: weights, config, tokenizer (exportable)
+    optimizer.safetensors         AdamW state through model.checkpoint.save_state (the one optimizer serialiser)
+    prior_optimizer.safetensors   phase 2 only: the prior's AdamW state
+    train_state.json              TrainState, the LR scheduler state (and the prior's in phase 2)
+    sha256.json                   written last: the sha256 of train_state.json, the optimizer files
+                                  and model/config.json (whose own hashes cover the weights and
+                                  the tokenizer), so one file vouches for the whole checkpoint
+
+`read_checkpoint` verifies every file (hashes, then parsing) before anything is loaded and raises
+CheckpointError naming the file: a checkpoint cut short by a crash or a full disk, or damaged
+later, is never half-restored. Checkpoints written before sha256.json existed (their TrainState
+has no `setup`) are checked by parsing alone.
 """
 
 from __future__ import annotations
@@ -11,26 +20,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import posixpath
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import pyarrow.fs as pafs
 import ray.train
 import torch
 
 from model.checkpoint import (
+    CONFIG,
+    CheckpointError,
     load_checkpoint,
     load_state,
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
     save_checkpoint,
     save_state,
+    sha256_file,
 )
+from model.config import ModelConfig
+from model.io import atomic_write
 from model.networks import JointModel
 from model.tokenizer import CaptionTokenizer
-from pipeline.training.config import TrainConfig
+from pipeline import storage
+from pipeline.training.config import TrainConfig, run_dir
 
 MODEL_DIR, OPTIMIZER, TRAIN_STATE = "model", "optimizer.safetensors", "train_state.json"
+PRIOR_OPTIMIZER, MANIFEST = "prior_optimizer.safetensors", "sha256.json"
+Phase = Literal["autoencoder", "prior", "done"]
 
 
 @dataclass
@@ -44,7 +63,12 @@ class TrainState:
     val_loss: float | None = None  # of the weights now in the model
     bad_epochs: int = 0  # epochs since the last improvement (early stopping)
     stopped_early: bool = False
-    phase: Literal["autoencoder", "done"] = "autoencoder"
+    phase: Phase = "autoencoder"
+    prior_epoch: int = 0  # phase-2 epochs completed
+    prior_step: int = 0  # phase-2 optimizer steps done
+    # The run's start, kept on resume: data digest, batch_size, num_workers (a resume with others
+    # is refused unless allowed), steps_per_epoch and total_steps (the LR schedule's length).
+    setup: dict[str, Any] = field(default_factory=dict)
 
     def end_epoch(self, epoch: int, val_loss: float, patience: int) -> None:
         self.epoch, self.val_loss = epoch, val_loss
@@ -55,12 +79,15 @@ class TrainState:
         self.stopped_early = patience > 0 and self.bad_epochs >= patience
 
     def epochs_left(self, epochs: int) -> range:
+        if self.phase != "autoencoder":
+            return range(0)
         return range(self.epoch + 1, (self.epoch if self.stopped_early else epochs) + 1)
 
 
 @dataclass
 class CheckpointParts:
-    """What a training checkpoint is written from (the objects are updated in place)."""
+    """What a training checkpoint is written from (the objects are updated in place; the prior's
+    optimizer and scheduler join once phase 2 starts)."""
 
     model: JointModel
     tokenizer: CaptionTokenizer
@@ -68,47 +95,142 @@ class CheckpointParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: TrainState
     cfg: TrainConfig
+    prior_optimizer: torch.optim.Optimizer | None = None
+    prior_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
     def write(self, path: str) -> None:
-        """The checkpoint directory described in the module docstring."""
+        """The checkpoint directory described in the module docstring (sha256.json last)."""
         state, cfg = self.state, self.cfg
         extra = {"run": cfg.name, "epoch": state.epoch, "val_loss": state.val_loss,
                  "phase": state.phase, "train_config": cfg.to_dict()}
         save_checkpoint(os.path.join(path, MODEL_DIR), self.model, self.tokenizer, extra=extra)
         save_state(os.path.join(path, OPTIMIZER), *optimizer_state_to_tensors(self.optimizer.state_dict()))
-        meta = {"state": dataclasses.asdict(state), "scheduler": self.scheduler.state_dict()}
-        with open(os.path.join(path, TRAIN_STATE), "w") as f:
-            json.dump(meta, f, indent=2)
+        meta: dict[str, Any] = {"state": dataclasses.asdict(state), "scheduler": self.scheduler.state_dict()}
+        if self.prior_optimizer is not None and self.prior_scheduler is not None:
+            tensors = optimizer_state_to_tensors(self.prior_optimizer.state_dict())
+            save_state(os.path.join(path, PRIOR_OPTIMIZER), *tensors)
+            meta["prior_scheduler"] = self.prior_scheduler.state_dict()
+        atomic_write(os.path.join(path, TRAIN_STATE), json.dumps(meta, indent=2).encode())
+        covered = [OPTIMIZER, TRAIN_STATE, f"{MODEL_DIR}/{CONFIG}"] + [PRIOR_OPTIMIZER] * ("prior_scheduler" in meta)
+        hashes = {name: sha256_file(os.path.join(path, name)) for name in covered}
+        atomic_write(os.path.join(path, MANIFEST), json.dumps({"sha256": hashes}, indent=2).encode())
 
 
 def report(metrics: dict[str, Any], rank: int, parts: CheckpointParts | None, dir_name: str | None = None) -> None:
     """ray.train.report on every rank (it is a barrier); with `parts`, rank 0 attaches a
-    checkpoint named `dir_name` (default epoch-NNNN) and the other ranks attach none."""
+    checkpoint named `dir_name` (default epoch-NNNN; Ray Train uses rank 0's name) and the other
+    ranks attach none."""
     if parts is None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
+        checkpoint, name = None, dir_name or f"epoch-{parts.state.epoch:04d}"
         if rank == 0:
             parts.write(tmp)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        name = dir_name or f"epoch-{parts.state.epoch:04d}"
+            name = free_name(run_dir(parts.cfg), name)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
-def restore_checkpoint(checkpoint: ray.train.Checkpoint, model: JointModel) -> tuple[TrainState, dict[str, Any]]:
-    """Load the weights into `model`; returns the TrainState and {"optimizer", "scheduler"}: the
-    state dicts to load once the optimizer exists (after DDP has placed the model on its device)."""
+def free_name(run: str, name: str) -> str:
+    """`name`, or `name-2`, `name-3`, ... when Ray Train already has a checkpoint of that name: a
+    run that fell back past a corrupt checkpoint redoes its epoch, and writing into the corrupt
+    one's folder would let Ray delete the new checkpoint when it retires the old. A folder Ray does
+    not know (an upload cut short before it was registered) is written over."""
+    if not storage.exists(storage.join(run, name)):
+        return name
+    taken = {posixpath.basename(r.checkpoint.path.rstrip("/")) for r in ray.train.get_all_reported_checkpoints()}
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
+@dataclass
+class Restored:
+    """A verified training checkpoint, read into memory (the optimizer and scheduler states are
+    loaded once those exist, after DDP has placed the model on its device)."""
+
+    checkpoint: ray.train.Checkpoint
+    state: TrainState
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    prior_optimizer: dict[str, Any] | None = None
+    prior_scheduler: dict[str, Any] | None = None
+
+
+def uri_of(checkpoint: ray.train.Checkpoint) -> str:
+    """The checkpoint's location as the user wrote it: a local path, or s3://bucket/key."""
+    local = isinstance(checkpoint.filesystem, pafs.LocalFileSystem)
+    return checkpoint.path if local else f"s3://{checkpoint.path.lstrip('/')}"
+
+
+def read_checkpoint(checkpoint: ray.train.Checkpoint) -> Restored:
+    """Verify and read a training checkpoint (module docstring); CheckpointError names the file."""
+    uri = uri_of(checkpoint)
     with checkpoint.as_directory() as d:
-        model.load_state_dict(load_checkpoint(os.path.join(d, MODEL_DIR)).model.state_dict())
-        with open(os.path.join(d, TRAIN_STATE)) as f:
-            meta = json.load(f)
-        tensors, opt_meta = load_state(os.path.join(d, OPTIMIZER))
+        try:
+            return _read_dir(d, checkpoint)
+        except CheckpointError as e:  # a downloaded copy (S3): name the file where it is stored
+            raise CheckpointError(e.file.replace(d, uri, 1), e.problem) from e
+
+
+def _read_dir(d: str, checkpoint: ray.train.Checkpoint) -> Restored:
+    meta = _json(os.path.join(d, TRAIN_STATE))
+    try:
+        state = TrainState(**meta["state"])
+        scheduler = meta["scheduler"]
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(os.path.join(d, TRAIN_STATE), f"not a training state ({e})") from e
+    if state.setup or os.path.exists(os.path.join(d, MANIFEST)):  # today's layout: every file hashed
+        _check_manifest(d)
+    ink = load_checkpoint(os.path.join(d, MODEL_DIR))  # its own hashes, shapes and finite weights
+    restored = Restored(checkpoint, state, ink.config, ink.model.state_dict(), _optimizer(d, OPTIMIZER, meta), scheduler)
+    if "prior_scheduler" in meta:
+        restored.prior_optimizer = _optimizer(d, PRIOR_OPTIMIZER, {})
+        restored.prior_scheduler = meta["prior_scheduler"]
+    return restored
+
+
+def _json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except FileNotFoundError as e:
+        raise CheckpointError(path, "missing from the checkpoint") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(path, f"not readable as JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(path, "expected a JSON object")
+    return data
+
+
+def _check_manifest(d: str) -> None:
+    """Every file sha256.json lists has its hash (a missing sha256.json: the checkpoint was cut short)."""
+    hashes = _json(os.path.join(d, MANIFEST)).get("sha256")
+    if not isinstance(hashes, dict) or TRAIN_STATE not in hashes:
+        raise CheckpointError(os.path.join(d, MANIFEST), "lists no train_state.json hash")
+    for name, expected in hashes.items():
+        path = os.path.join(d, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(path, "missing from the checkpoint (sha256.json lists it)")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise CheckpointError(path, f"sha256 mismatch: sha256.json expects {str(expected)[:16]}..., "
+                                        f"the file has {actual[:16]}... (truncated or modified)")  # fmt: skip
+
+
+def _optimizer(d: str, name: str, meta: dict[str, Any]) -> dict[str, Any]:
+    tensors, opt_meta = load_state(os.path.join(d, name))
     if "param_groups" in opt_meta:
-        optimizer = optimizer_state_from_tensors(tensors, opt_meta)
-    else:  # a run checkpointed before the one serialiser: "<param>.<name>" keys, groups in train_state.json
-        optimizer = legacy_optimizer_state(tensors, meta["optimizer"])
-    return TrainState(**meta["state"]), {"optimizer": optimizer, "scheduler": meta["scheduler"]}
+        return optimizer_state_from_tensors(tensors, opt_meta)
+    if "optimizer" not in meta:
+        raise CheckpointError(os.path.join(d, name), "holds no optimizer state")
+    # A run checkpointed before the one serialiser: "<param>.<name>" keys, groups in train_state.json.
+    return legacy_optimizer_state(tensors, meta["optimizer"])
 
 
 def legacy_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +243,10 @@ def legacy_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any
 
 
 def read_phase(checkpoint: ray.train.Checkpoint) -> str:
-    """"autoencoder" while phase 1 runs, "done" once the prior is fitted (read from train_state.json)."""
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{TRAIN_STATE}") as f:
-        return json.loads(f.read())["state"]["phase"]
+    """"autoencoder" in phase 1, "prior" in phase 2, "done" once the prior is fitted."""
+    path = f"{checkpoint.path}/{TRAIN_STATE}"
+    try:
+        with checkpoint.filesystem.open_input_stream(path) as f:
+            return json.loads(f.read())["state"]["phase"]
+    except Exception as e:  # noqa: BLE001  (missing, unreadable, not JSON, no phase: all mean "not usable")
+        raise CheckpointError(f"{uri_of(checkpoint)}/{TRAIN_STATE}", f"unreadable ({storage.describe(e)})") from e

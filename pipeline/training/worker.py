@@ -7,7 +7,9 @@ every `checkpoint_every` epochs through `ray.train.report`, the best kept by val
 alone logs (pipeline/training/metrics_log.py). Phase 2 is pipeline/training/prior_phase.py.
 
 Resume: Ray Train V2 hands the latest checkpoint to the workers, both after a worker failure
-(FailureConfig.max_failures) and when the same command is run again.
+(FailureConfig.max_failures) and when the same command is run again; a corrupt one falls back
+to the newest usable earlier one (pipeline/training/resume.py). The LR schedule keeps the
+length it started with (train_state.json's setup), so it continues from its step.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from pipeline.training.config import TrainConfig, run_dir
 from pipeline.training.distributed import all_gather_counts, all_reduce_means
 from pipeline.training.metrics_log import RunLogger, wandb_dir, wandb_run_id
 from pipeline.training.prior_phase import fit_prior, load_best_weights
-from pipeline.training.state import CheckpointParts, TrainState, report, restore_checkpoint
+from pipeline.training.resume import choose
+from pipeline.training.state import CheckpointParts, TrainState, report
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -51,22 +54,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     model = JointModel(ModelConfig.from_dict(config["model"]), tokenizer.vocab_size)
 
-    # 2. Resume from the latest checkpoint (failure retry or the same run started again), or
-    #    start a new run from an exported checkpoint (init_from).
+    # 2. Resume from the latest usable checkpoint (failure retry or the same run started again),
+    #    or start a new run from an exported checkpoint (init_from).
     resumed = ray.train.get_checkpoint()
-    state, saved = restore_checkpoint(resumed, model) if resumed else (TrainState(), None)
-    if resumed is None and cfg.init_from:
+    restored = choose(resumed, _reported, run_dir(cfg), say=_say if rank == 0 else _quiet) if resumed else None
+    state = restored.state if restored else TrainState()
+    if restored:
+        model.load_state_dict(restored.weights)
+    elif cfg.init_from:
         model.load_state_dict(storage.open_checkpoint(cfg.init_from).model.state_dict())
     if state.phase == "done":
         return
     model.prior.requires_grad_(False)  # trained in phase 2; DDP must not wait for its grads
     ddp = ray.train.torch.prepare_model(model)
-    optimizer, scheduler = make_optimizer(model, cfg, cfg.epochs * config["steps_per_epoch"])
-    if saved:
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+    optimizer, scheduler = make_optimizer(model, cfg, schedule_steps(state, cfg, config))
+    if restored:
+        optimizer.load_state_dict(restored.optimizer)
+        scheduler.load_state_dict(restored.scheduler)
     parts = CheckpointParts(model, tokenizer, optimizer, scheduler, state, cfg)
-    log = make_logger(cfg, config, state.global_step) if rank == 0 else None
+    log = make_logger(cfg, config, state) if rank == 0 else None
     shards = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     try:
         # 3. Phase 1: autoencoder epochs, with validation, early stopping and checkpoints.
@@ -79,10 +85,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
 
         # 4. Phase 2: the latent prior, from the best autoencoder weights reported so far
-        #    (or the last ones: TrainConfig.weights).
-        if cfg.weights == "best_val":
-            load_best_weights(model, state)
-        prior_m = fit_prior(model, shards[0], cfg, device, amp, rank, world, log, state)
+        #    (or the last ones: TrainConfig.weights); a phase-2 checkpoint resumes it.
+        if cfg.weights == "best_val" and state.phase == "autoencoder":
+            load_best_weights(model, state, rank)
+        prior_m = fit_prior(model, shards[0], parts, device, amp, rank, world, log, restored)
         state.phase = "done"
         final = {"epoch": state.epoch, "global_step": state.global_step, "val_loss": state.val_loss, **prior_m}
         if log:
@@ -119,6 +125,30 @@ def run_epoch(
         log_samples(log, model, parts.tokenizer, config["preview"], cfg.log_samples, epoch)
     save = epoch == cfg.epochs or state.stopped_early or epoch % cfg.checkpoint_every == 0
     report(_report_metrics(metrics, state), rank, parts if save else None)
+
+
+def schedule_steps(state: TrainState, cfg: TrainConfig, config: dict[str, Any]) -> int:
+    """The LR schedule's length: the one the run started with (train_state.json's setup), so a
+    resume continues the schedule from its step even when the steps per epoch changed; a new run
+    (or one checkpointed before the setup was stored) records today's."""
+    if not state.setup.get("total_steps"):
+        state.setup = {**config["setup"], "steps_per_epoch": config["steps_per_epoch"],
+                       "total_steps": cfg.epochs * config["steps_per_epoch"]}  # fmt: skip
+    else:  # the run goes on with today's setup (the driver refused a change unless allowed)
+        state.setup = {**state.setup, **config["setup"]}
+    return state.setup["total_steps"]
+
+
+def _reported() -> list[tuple[ray.train.Checkpoint, dict[str, Any]]]:
+    return [(r.checkpoint, r.metrics) for r in ray.train.get_all_reported_checkpoints()]
+
+
+def _say(line: str) -> None:
+    print(f"(rank 0) {line}", flush=True)
+
+
+def _quiet(line: str) -> None:
+    """Ranks other than 0 make the same choice silently."""
 
 
 # -- phase 1 helpers ----------------------------------------------------------------------
@@ -268,14 +298,15 @@ def _report_metrics(row: dict[str, Any], state: TrainState) -> dict[str, Any]:
     }
 
 
-def make_logger(cfg: TrainConfig, config: dict[str, Any], resume_step: int) -> RunLogger:
+def make_logger(cfg: TrainConfig, config: dict[str, Any], state: TrainState) -> RunLogger:
     return RunLogger(
         run_dir(cfg),
         project=cfg.wandb_project,
         mode=cfg.wandb_mode,
         run_id=wandb_run_id(cfg.storage_path, cfg.name),
         local_dir=wandb_dir(cfg.storage_path, cfg.name),
-        resume_step=resume_step,
+        resume_step=state.global_step,
+        resume_prior_step=state.prior_step if state.phase == "prior" else 0,
         config={"train": config["train"], "model": config["model"], "counts": config["counts"]},
     )
 

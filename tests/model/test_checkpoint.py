@@ -80,6 +80,22 @@ def test_roundtrip_same_outputs(saved):
     assert len(ck.interpolate(1, 2, 3, ddim_steps=3)) == 3
 
 
+
+def test_with_sampling_sets_the_defaults_of_every_call(saved):
+    path, model, tok, _ = saved
+    from model import sampling
+
+    ck = load_checkpoint(path).with_sampling(steps=3, autocast=True)
+    plain = load_checkpoint(path)
+    a = ck.generate([4, 5])
+    b = sampling.generate(model, tok, [4, 5], steps=3, autocast=True)
+    assert a.captions == b.captions and np.array_equal(a.images, b.images)
+    assert not np.array_equal(plain.generate([4, 5], steps=50).images, a.images)  # 3 steps differ from 50
+    c = ck.generate([4, 5], steps=50, autocast=False)  # a call's own arguments win
+    assert np.array_equal(c.images, plain.generate([4, 5], steps=50).images)
+    i = ck.interpolate(4, 5, 3)  # its DDIM steps default too
+    assert np.array_equal(i.images, sampling.interpolate(model, tok, 4, 5, 3, ddim_steps=3, autocast=True).images)
+
 def test_digest_is_stable_across_saves(saved, tmp_path):
     path, model, tok, digest = saved
     assert save_checkpoint(tmp_path / "again", model, tok, extra={"step": 10, "note": "test"}) == digest

@@ -107,3 +107,18 @@ def test_generate_keeps_training_mode(tiny):
     sampling.generate(model, tok, [1], steps=2)
     assert model.training
     model.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["reduce-overhead"])  # "default" plus CUDA graphs, which the CPU skips
+def test_compiled_model_gives_the_eager_samples(mode):
+    model, tok = scrambled_tiny(CAPTIONS)  # its own copy: compiling is in place
+    seeds = list(range(8))
+    eager = sampling.generate(model, tok, seeds, steps=5)
+    names = list(model.state_dict())
+    sampling.compile_model(model, mode)
+    compiled = sampling.generate(model, tok, seeds, steps=5)
+    assert compiled.captions == eager.captions
+    assert np.abs(compiled.images.astype(int) - eager.images.astype(int)).max() <= 1
+    np.testing.assert_allclose(compiled.alignment, eager.alignment, atol=2e-3)
+    assert list(model.state_dict()) == names  # checkpoints saved after compiling keep their keys

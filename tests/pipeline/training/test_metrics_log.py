@@ -62,3 +62,15 @@ def test_auto_mode_is_offline_without_a_key(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert resolve_wandb_mode("auto") == "online"
     assert wandb_run_id("runs", "a") == wandb_run_id("runs/", "a") != wandb_run_id("runs", "b")
+
+
+def test_a_resume_from_a_prior_checkpoint_keeps_the_prior_rows_up_to_it(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "r3"
+    log = make_logger(run, mode="disabled")
+    for step in (1, 2, 3, 4):
+        log.log({"global_step": 60, "prior/step": step, "prior/loss": 0.5}, kind="prior")
+    log.log({"global_step": 60, "prior/loss": 0.4, "prior/steps": 4}, kind="prior")  # the summary
+    again = RunLogger(str(run), project="inkseed-test", mode="disabled", run_id="x", local_dir=str(tmp_path / "w"),
+                      config={}, resume_step=60, resume_prior_step=2)  # fmt: skip
+    again.log({"global_step": 60, "prior/step": 3, "prior/loss": 0.3}, kind="prior")
+    assert [r.get("prior/step") for r in rows(run)] == [1, 2, 3]

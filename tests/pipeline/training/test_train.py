@@ -8,42 +8,22 @@ second run on s3:// storage (moto) is stopped by a failure and resumed by runnin
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from train_builders import TINY, metrics_rows, tiny
 
 from jobs.train import parse_args, smoke_test_config
 from model.checkpoint import load_checkpoint
 from pipeline import storage
-from pipeline.data.engrave import render_dataset
-from pipeline.training.config import TrainConfig, TrainError, load_train_config
+from pipeline.training.config import TrainError, load_train_config
 from pipeline.training.driver import run_training
 from pipeline.training.metrics_log import wandb_run_id
 
-REPO = Path(__file__).resolve().parents[3]
-TINY = str(REPO / "configs" / "tiny.yaml")
-
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("data"))
-    render_dataset(out, count=160, size=64, seed=0)  # read at 32 px (configs/tiny.yaml)
-    return out
-
-
-def tiny(data: str, storage_path: str, name: str, **changes) -> TrainConfig:
-    return load_train_config(TINY).replace(data=data, storage_path=storage_path, name=name, **changes)
-
-
-def metrics_rows(cfg: TrainConfig, kind: str) -> list[dict]:
-    text = storage.read_bytes(storage.join(cfg.storage_path, cfg.name, "metrics.jsonl")).decode()
-    return [r for r in map(json.loads, text.splitlines()) if r["kind"] == kind]
 
 
 @pytest.fixture(scope="module")
