@@ -84,12 +84,16 @@ def prior_step(model: JointModel, batch: torch.Tensor, opt, sched, grad_clip: fl
     return loss
 
 
-def report_prior_epoch(parts: CheckpointParts, rank: int, loss: float) -> None:
-    """Checkpoint the prior phase after its epoch `parts.state.prior_epoch` (a resume continues there)."""
-    state = parts.state
+def report_prior_epoch(parts: CheckpointParts, rank: int, loss: float, inject_failure: bool) -> None:
+    """Checkpoint the prior phase after its epoch `parts.state.prior_epoch` (a resume continues
+    there); then raise the test's injected failure if this is its epoch (TrainConfig.fail_after_prior_epoch)."""
+    state, epoch = parts.state, parts.state.prior_epoch
     metrics = {"epoch": state.epoch, "global_step": state.global_step, "val_loss": state.val_loss,
-               "prior_epoch": state.prior_epoch, "prior_step": state.prior_step, "prior/loss": loss}
-    report(metrics, rank, parts, dir_name=f"prior-{state.prior_epoch:04d}")
+               "prior_epoch": epoch, "prior_step": state.prior_step, "prior/loss": loss}
+    report(metrics, rank, parts, dir_name=f"prior-{epoch:04d}")
+    if inject_failure and parts.cfg.fail_after_prior_epoch == epoch:
+        ray.train.get_all_reported_checkpoints()  # the epoch's checkpoint is registered first
+        raise RuntimeError(f"injected failure after prior epoch {epoch} (TrainConfig.fail_after_prior_epoch)")
 
 
 def fit_prior(
@@ -139,9 +143,7 @@ def fit_prior(
         state.prior_epoch = epoch
         every = cfg.prior_checkpoint_every
         if every and epoch % every == 0 and epoch < cfg.prior_epochs:  # the last one is the final checkpoint
-            report_prior_epoch(parts, rank, float(np.mean(epoch_losses)))
-            if cfg.fail_after_prior_epoch == epoch and not resumed:
-                raise RuntimeError(f"injected failure after prior epoch {epoch} (TrainConfig.fail_after_prior_epoch)")
+            report_prior_epoch(parts, rank, float(np.mean(epoch_losses)), inject_failure=not resumed)
     prior.requires_grad_(False)
     return {
         "prior/loss": float(np.mean(epoch_losses)) if epoch_losses else math.nan,

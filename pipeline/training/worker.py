@@ -80,6 +80,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             torch.manual_seed(cfg.seed * 100_003 + epoch * world + rank)  # resume replays the same draws
             run_epoch(ddp, model, optimizer, scheduler, shards, parts, config, epoch, log)
             if cfg.fail_after_epoch == epoch and resumed is None:
+                ray.train.get_all_reported_checkpoints()  # the epoch's checkpoint is registered first
                 raise RuntimeError(f"injected failure after epoch {epoch} (TrainConfig.fail_after_epoch)")
             if state.stopped_early:  # patience ran out: on to the prior, from the best weights
                 break
