@@ -74,14 +74,20 @@ def make_checkpoint(path: Path, name: Literal["tiny", "micro"]) -> None:
     save_checkpoint(path, JointModel(model_config(name), tok.vocab_size), tok)
 
 
-def plain_loop(checkpoint: str, seeds: range, batch_size: int, steps: int | None, out: Path, bf16: bool) -> float:
-    """Seeds/s of generate + PNG encode + sha256 + file write in one process, no Ray."""
+def plain_loop(
+    checkpoint: str, seeds: range, batch_size: int, steps: int | None, out: Path, bf16: bool, compile: str = "off"
+) -> float:
+    """Seeds/s of generate + PNG encode + sha256 + file write in one process, no Ray; every model
+    call a full batch, as the actors make them (sampler.generate_seeds pads a short one)."""
+    from pipeline.generation.sampler import generate_seeds
+
     ink = load_checkpoint(checkpoint)
-    ink.generate(list(seeds[:batch_size]), steps=steps, autocast=bf16)  # warm-up, like an actor's first batch
+    sampling.compile_model(ink.model, compile)
+    generate_seeds(ink, list(seeds[:batch_size]), batch_size, steps=steps, bf16=bf16)  # warm-up (and compile)
     start = time.perf_counter()
     for i in range(0, len(seeds), batch_size):
         chunk = list(seeds[i : i + batch_size])
-        samples = ink.generate(chunk, steps=steps, autocast=bf16)
+        samples = generate_seeds(ink, chunk, batch_size, steps=steps, bf16=bf16)
         for seed, image in zip(chunk, samples.images):
             data = png_bytes(image)
             hashlib.sha256(data).hexdigest()
@@ -115,6 +121,7 @@ def pipeline_run(checkpoint: str, num_seeds: int, args: argparse.Namespace, out:
             shard_size=args.shard_size,
             torch_threads=args.threads,  # the same threads as the loop (the job's default: node CPUs / actors)
             bf16=args.bf16,
+            compile=args.compile,
         )
         return run_generation(cfg)
     finally:
@@ -183,6 +190,23 @@ def print_model_loop(ink, args) -> None:
           f"= {achieved / peaks[precision]:.1%} of the {precision} matmul peak")  # fmt: skip
 
 
+def print_compiled_loop(ink, args) -> None:
+    """The stages again after torch.compile of the decoder and the prior, and the compile time
+    (the first batch, as an actor's first batch pays it)."""
+    seeds = list(range(args.batch_size))
+    eager = ink.generate(seeds, steps=args.steps, autocast=args.bf16)
+    sampling.compile_model(ink.model, args.compile)
+    start = time.perf_counter()
+    compiled = ink.generate(seeds, steps=args.steps, autocast=args.bf16)
+    seconds = time.perf_counter() - start
+    diff = int(abs(compiled.images.astype(int) - eager.images.astype(int)).max())
+    same = sum(a == b for a, b in zip(compiled.captions, eager.captions))
+    ms = stage_ms(ink, args.batch_size, args.steps, args.bf16)
+    print(f"compiled ({args.compile}): first batch {seconds:.1f} s (compiling); then "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
+          + f" = {sum(ms.values()):.0f} ms per batch; max pixel diff vs eager {diff}, captions equal {same}/{len(seeds)}")  # fmt: skip
+
+
 def steady_rate(out: str, batch_size: int) -> float:
     """Seeds/s once the actors are up: rows after the first batch over the span of the rows'
     created_at stamps (taken when each batch leaves the model)."""
@@ -211,6 +235,8 @@ def main() -> None:
     p.add_argument("--actors", type=int, nargs="+", default=[1], help="actor counts to measure")
     p.add_argument("--shard-size", type=int, default=10_000)
     p.add_argument("--rss-sizes", type=int, nargs="*", default=[], help="e.g. 10000 100000")
+    p.add_argument("--compile", default="off", choices=("off", "default", "max-autotune"),
+                   help="also measure the model loop after sampling.compile_model (and its compile time)")
     p.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -229,10 +255,12 @@ def main() -> None:
             f"{'bf16' if args.bf16 else 'fp32'}, {args.threads} torch thread(s), load average {os.getloadavg()[0]:.1f}"
         )
         print_model_loop(ink, args)
+        if args.compile != "off":
+            print_compiled_loop(ink, args)
         if args.seeds:
             loop_dir = Path(tmp, "loop")
             loop_dir.mkdir()
-            loop = plain_loop(checkpoint, range(args.seeds), args.batch_size, args.steps, loop_dir, args.bf16)
+            loop = plain_loop(checkpoint, range(args.seeds), args.batch_size, args.steps, loop_dir, args.bf16, args.compile)
             print(f"raw loop: {loop:.1f} seeds/s over {args.seeds} seeds (generate, PNG, sha256, write)")
             for actors in args.actors:
                 out = str(Path(tmp, f"pipe{actors}"))

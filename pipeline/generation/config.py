@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.sampling import Device
+from model.sampling import Compile, Device
 from pipeline.generation.manifest import FORMATS, Format
 
 
@@ -52,6 +52,11 @@ class GenerateConfig:
     bf16: bool | None = None
     # DDIM steps of the latent prior; None = the checkpoint's ddim_steps. Changes the samples.
     steps: int | None = None
+    # torch.compile (inductor) the image decoder and the prior's denoiser in each actor: "off",
+    # "default", "reduce-overhead" (adds CUDA graphs on CUDA), "max-autotune". Compiling happens
+    # once per actor before its first batch (its seconds are in stats.json's actor_compile); fused
+    # kernels may move a pixel by 1/255, so the mode is part of the run identity.
+    compile: Compile = "off"
     # Discard an existing output (run.json, manifest/, images/, shards/, stats.json, the contact
     # sheet) and start fresh. Refused while another run holds the output's lease.
     overwrite: bool = False

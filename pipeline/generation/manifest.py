@@ -131,7 +131,7 @@ TAR_META = "inkseed.tar_bytes"
 
 # Settings that change which bytes a seed produces or where they go: a rerun must match them to
 # resume the output, any other setting (batch size, actors, device) may differ between runs.
-IDENTITY_KEYS = ("model_digest", "seeds", "shard_size", "steps", "bf16", "format")
+IDENTITY_KEYS = ("model_digest", "seeds", "shard_size", "steps", "bf16", "format", "compile")
 
 
 class ManifestError(RuntimeError):
@@ -309,6 +309,7 @@ def run_info(
     steps: int | None,
     bf16: bool | None,
     fmt: str = "files",
+    compile: str = "off",
     config: dict,
     versions: dict,
 ) -> dict[str, Any]:
@@ -320,6 +321,7 @@ def run_info(
         "steps": steps,
         "bf16": bf16,
         "format": fmt,
+        "compile": compile,
         "run_id": run_id,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": config,
@@ -340,6 +342,7 @@ def read_run(out: str) -> dict[str, Any] | None:
         ) from None
     if isinstance(info, dict):
         info.setdefault("format", "files")  # written before there were formats
+        info.setdefault("compile", "off")  # ... or a compile flag
     missing = [k for k in (*IDENTITY_KEYS, "run_id") if not isinstance(info, dict) or k not in info]
     if missing:
         raise ManifestError(

@@ -134,6 +134,7 @@ def _new_info(cfg: GenerateConfig, plan: SeedPlan, model_digest: str) -> dict[st
         steps=cfg.steps,
         bf16=cfg.bf16,
         fmt=cfg.format,
+        compile=cfg.compile,
         config=dataclasses.asdict(cfg),
         versions=_versions(),
     )
@@ -314,8 +315,9 @@ def _run_record(
 ) -> dict[str, Any]:
     """The driver's part of stats.json (pipeline/generation/stats.py): counts, seconds, failures."""
     generated = sum(plan.shard_len(s) for s in pending)
-    spent = buffer.seconds if buffer else dict.fromkeys(("model_s", "encode_s", "write"), 0.0)
-    seconds |= {"actor_model": spent["model_s"], "actor_encode": spent["encode_s"], "driver_write": spent["write"]}
+    spent = buffer.seconds if buffer else dict.fromkeys(("model_s", "encode_s", "compile_s", "write"), 0.0)
+    seconds |= {"actor_model": spent["model_s"], "actor_encode": spent["encode_s"],
+                "actor_compile": spent["compile_s"], "driver_write": spent["write"]}  # fmt: skip
     return {
         "run_id": run_id,
         "format": cfg.format,

@@ -26,15 +26,15 @@ import torch
 
 from model.checkpoint import Inkseed, load_checkpoint_files
 from model.images import png_bytes
-from model.sampling import Device, Samples, available_cpus, resolve_device
+from model.sampling import Compile, Device, Samples, available_cpus, compile_model, resolve_device
 from pipeline import storage
 from pipeline.generation import lease, manifest
 from pipeline.generation.config import GenerateConfig, GenerateError
 from pipeline.generation.manifest import SeedPlan
 
-# Columns the actors return beside the manifest's: the batch's model and encode(+write) seconds,
-# spread over its rows (the driver sums them for stats.json; they are not stored in the manifest).
-TIMING_COLUMNS = ("model_s", "encode_s")
+# Columns the actors return beside the manifest's: the batch's model and encode(+write) seconds
+# and the actor's compile seconds (its first batch only), spread over its rows (the driver sums them for stats.json; they are not stored in the manifest).
+TIMING_COLUMNS = ("model_s", "encode_s", "compile_s")
 
 # Ray Data blocks of this many model batches: big enough that per-task overhead is small next to
 # sampling, small enough that several actors share a few-hundred-seed run.
@@ -110,6 +110,7 @@ class SampleBatch:
         pool_size: int | None,
         lease_token: str | None = None,
         fmt: str = "files",
+        compile: Compile = "off",
     ) -> None:
         try:
             resolved = resolve_device(device)
@@ -123,6 +124,7 @@ class SampleBatch:
         self.bf16, self.steps, self.batch_size = bf16, steps, batch_size
         self.output, self.lease_token, self.fmt = output, lease_token, fmt
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="png-io")
+        self.compile_s = self._compile(compile) if compile != "off" else 0.0
         self.model_lock = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -148,7 +150,9 @@ class SampleBatch:
             pngs, sha = [data for data, _ in encoded], [digest for _, digest in encoded]
         n, (h, w) = len(seeds), samples.images.shape[1:]  # images (B, H, W) uint8
         encode_s = time.perf_counter() - start
-        timing = {"model_s": np.full(n, model_s / max(n, 1)), "encode_s": np.full(n, encode_s / max(n, 1))}
+        timing = {name: np.full(n, s / max(n, 1)) for name, s in
+                  (("model_s", model_s), ("encode_s", encode_s), ("compile_s", self.compile_s))}  # fmt: skip
+        self.compile_s = 0.0  # counted once per actor
         return {
             **({} if pngs is None else {"png": np.asarray(pngs, dtype=object)}),
             **timing,
@@ -162,6 +166,16 @@ class SampleBatch:
             "alignment": np.asarray(samples.alignment, np.float32),
             "created_at": np.full(n, created),
         }
+
+    def _compile(self, mode: Compile) -> float:
+        """Compile the model (model/sampling.compile_model) and run one batch, which is when
+        inductor compiles; returns the seconds it took."""
+        start = time.perf_counter()
+        compile_model(self.ink.model, mode)
+        generate_seeds(self.ink, [0], self.batch_size, steps=self.steps, bf16=self.bf16)
+        seconds = time.perf_counter() - start
+        print(f"compiled the model ({mode}) in {seconds:.1f} s", flush=True)
+        return seconds
 
     def _write_png(self, image: np.ndarray, rel_path: str) -> str:
         """Encode one (H, W) uint8 image as PNG, write it under the output (atomically: an actor
@@ -209,6 +223,7 @@ def build_dataset(
             "pool_size": cfg.max_actors,
             "lease_token": lease_token,
             "fmt": cfg.format,
+            "compile": cfg.compile,
         },
         # Two calls in flight per actor with real threads: the model lock in SampleBatch keeps one
         # sampling at a time, while the other call's PNG writes overlap it.

@@ -300,6 +300,27 @@ def test_different_rerun_is_refused_unless_overwrite(run300, tmp_path):
     assert digests == [(json.loads((fresh_out / "run.json").read_text())["model_digest"],)]
 
 
+@pytest.mark.slow  # inductor compiles the tiny model: ~30 s
+def test_compiled_actors_write_the_eager_samples(run300, tmp_path):
+    """--compile default: each actor compiles before its first batch (stats.json counts the
+    seconds), the seeds come out as in the eager run (captions equal, pixels within 1/255), and
+    the compile mode is part of the run identity."""
+    cfg, _ = run300
+    out = tmp_path / "compiled"
+    compiled = GenerateConfig(**{**vars(cfg), "output": str(out), "num_seeds": 32, "max_actors": 1, "compile": "default"})
+    assert run_generation(compiled)["manifest_rows"] == 32
+    assert json.loads((out / "stats.json").read_text())["seconds"]["actor_compile"] > 0
+    assert json.loads((out / "run.json").read_text())["compile"] == "default"
+    eager = {r["seed"]: r for r in read_manifest(cfg.output).to_pylist()}
+    for row in read_manifest(str(out)).to_pylist():
+        ref = eager[row["seed"]]
+        assert row["caption"] == ref["caption"]
+        a, b = png_pixels(str(out), row["image_path"]), png_pixels(cfg.output, ref["image_path"])
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1, f"seed {row['seed']}"
+    with pytest.raises(GenerateError, match=r"compile: existing 'default', this run 'off'"):
+        run_generation(GenerateConfig(**{**vars(compiled), "compile": "off"}))
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
