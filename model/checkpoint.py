@@ -17,7 +17,7 @@ bytes; `config_sha256` is the sha256 of config.json's own content without that f
 JSON: sorted keys, no whitespace), so it covers the model config, vocab_size, extra and the two
 file hashes: one stored value vouches for all three files. An edit that keeps every shape (say
 `ddim_steps`), or a tokenizer of the same size with its ids shuffled, is refused on load.
-Format 1 (`LEGACY_FORMAT`, e.g. the committed checkpoints/default) recorded `weights_sha256`
+Format 1 (`LEGACY_FORMAT`, e.g. checkpoints/default before its default-v4 retrain) recorded `weights_sha256`
 only: it still loads, with the weights checked and the config and tokenizer taken as they are.
 `save_checkpoint` always writes format 2.
 

@@ -326,11 +326,14 @@ def test_legacy_weights_only_checkpoints_still_load(saved, tmp_path):
         load_checkpoint(dst)
 
 
-def test_the_committed_default_checkpoint_is_legacy_and_loads():
-    default = Path(__file__).resolve().parents[2] / "checkpoints" / "default"
-    meta = _meta(default)
-    assert meta["format_version"] == LEGACY_FORMAT and "config_sha256" not in meta
-    assert load_checkpoint(default).config.image_size == 128
+@pytest.mark.parametrize("name", ["default", "openmoji"])
+def test_the_committed_checkpoints_have_every_hash_and_load(name):
+    """Both committed checkpoints are format 2: their digest covers config, tokenizer and weights."""
+    path = Path(__file__).resolve().parents[2] / "checkpoints" / name
+    meta = _meta(path)
+    assert meta["format_version"] == FORMAT_VERSION
+    assert {"config_sha256", "tokenizer_sha256", "weights_sha256"} <= set(meta)
+    assert load_checkpoint(path).config.image_size == {"default": 128, "openmoji": 64}[name]
 
 
 @pytest.mark.parametrize(
