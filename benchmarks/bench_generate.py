@@ -13,7 +13,7 @@
 3. Driver memory: peak RSS (ru_maxrss) of a fresh driver process generating each of --rss-sizes
    seeds (default shard size 10K), which must be about equal because the driver streams. These
    runs use the untrained "micro" model (the tiny preset at 16 px, 8-token captions): memory does
-   not depend on the model, and 1M seeds of it fit in minutes on 2 cores.
+   not depend on the model; 1M seeds of it take about 23 minutes on 2 cores (PNG writes dominate).
 
     python benchmarks/bench_generate.py                                   # checkpoints/default, fp32
     python benchmarks/bench_generate.py --bf16 --seeds 4000
