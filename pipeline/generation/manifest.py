@@ -245,25 +245,25 @@ def part_uri(out: str, shard: int) -> str:
     return storage.join(out, "manifest", f"part-{shard_name(shard)}.parquet")
 
 
-def part_shards(out: str) -> dict[int, str]:
-    """shard -> part URI, for every part-<shard>.parquet in OUT/manifest (done or not: temp files of
-    an interrupted write do not match)."""
+def _shard_files(folder: str, pattern: re.Pattern) -> dict[int, str]:
+    """shard -> URI of every file in `folder` whose name matches `pattern` (group 1: the shard)."""
     found = {}
-    for uri in storage.list_files(storage.join(out, "manifest")):
-        m = _PART_RE.match(uri.rsplit("/", 1)[-1])
+    for uri in storage.list_files(folder):
+        m = pattern.match(uri.rsplit("/", 1)[-1])
         if m:
             found[int(m.group(1))] = uri
     return found
+
+
+def part_shards(out: str) -> dict[int, str]:
+    """shard -> part URI, for every part-<shard>.parquet in OUT/manifest (done or not: temp files of
+    an interrupted write do not match)."""
+    return _shard_files(storage.join(out, "manifest"), _PART_RE)
 
 
 def tar_shards(out: str) -> dict[int, str]:
     """shard -> tar URI, for every <shard>.tar in OUT/shards (a webdataset output's)."""
-    found = {}
-    for uri in storage.list_files(storage.join(out, "shards")):
-        m = _TAR_RE.match(uri.rsplit("/", 1)[-1])
-        if m:
-            found[int(m.group(1))] = uri
-    return found
+    return _shard_files(storage.join(out, "shards"), _TAR_RE)
 
 
 def write_part(

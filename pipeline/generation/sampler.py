@@ -33,7 +33,8 @@ from pipeline.generation.config import GenerateConfig, GenerateError
 from pipeline.generation.manifest import SeedPlan
 
 # Columns the actors return beside the manifest's: the batch's model and encode(+write) seconds
-# and the actor's compile seconds (its first batch only), spread over its rows (the driver sums them for stats.json; they are not stored in the manifest).
+# and the actor's compile seconds (its first batch only), spread over its rows. The driver sums
+# them for stats.json; they are not stored in the manifest.
 TIMING_COLUMNS = ("model_s", "encode_s", "compile_s")
 
 # Ray Data blocks of this many model batches: big enough that per-task overhead is small next to
@@ -133,6 +134,7 @@ class SampleBatch:
             start = time.perf_counter()
             samples = generate_seeds(self.ink, seeds.tolist(), self.batch_size, steps=self.steps, bf16=self.bf16)
             model_s = time.perf_counter() - start
+            compile_s, self.compile_s = self.compile_s, 0.0  # counted once per actor
         created = np.datetime64(dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), "us")
         paths = [manifest.image_path(int(sh), int(s), self.fmt) for sh, s in zip(shards, seeds)]
         start = time.perf_counter()
@@ -151,8 +153,7 @@ class SampleBatch:
         n, (h, w) = len(seeds), samples.images.shape[1:]  # images (B, H, W) uint8
         encode_s = time.perf_counter() - start
         timing = {name: np.full(n, s / max(n, 1)) for name, s in
-                  (("model_s", model_s), ("encode_s", encode_s), ("compile_s", self.compile_s))}  # fmt: skip
-        self.compile_s = 0.0  # counted once per actor
+                  (("model_s", model_s), ("encode_s", encode_s), ("compile_s", compile_s))}  # fmt: skip
         return {
             **({} if pngs is None else {"png": np.asarray(pngs, dtype=object)}),
             **timing,

@@ -44,6 +44,8 @@ CAPTIONS = [
 # 24 seeds in 3 shards of 8; 3 DDIM steps of the tiny preset: a run is a few seconds.
 SMALL = {"num_seeds": 24, "shard_size": 8, "batch_size": 8, "steps": 3, "max_actors": 1, "num_cpus": 0.5}
 SEEDS = list(range(24))
+# What a parquet-format OUT holds: no images/ and no shards/, the PNGs are inside the parts.
+PARQUET_OUTPUT = ["contact_sheet.html", "contact_sheet.png", "manifest", "run.json", "stats.json"]
 WORD = r"[\p{L}\p{N}'']+"  # stats.py's words, in DuckDB's SQL quoting
 
 
@@ -160,13 +162,7 @@ def test_webdataset_reads_back_with_webdataset_and_tarfile(runs):
 def test_parquet_reads_back_with_datasets_and_duckdb(runs, tmp_path):
     out = str(runs["parquet"])
     check_parquet(out, tmp_path / "hf")
-    assert sorted(os.listdir(out)) == [
-        "contact_sheet.html",
-        "contact_sheet.png",
-        "manifest",
-        "run.json",
-        "stats.json",
-    ]
+    assert sorted(os.listdir(out)) == PARQUET_OUTPUT
     assert pq.read_schema(Path(out, "manifest", "part-00000.parquet")).metadata[b"huggingface"]
 
 
@@ -290,13 +286,7 @@ def test_the_format_is_part_of_the_run_identity(runs, ckpt, tmp_path):
         run_generation(cfg_for(ckpt, out, "parquet"))
     summary = run_generation(cfg_for(ckpt, out, "parquet", num_seeds=8, overwrite=True))
     assert summary["generated"] == summary["manifest_rows"] == 8
-    assert sorted(os.listdir(out)) == [
-        "contact_sheet.html",
-        "contact_sheet.png",
-        "manifest",
-        "run.json",
-        "stats.json",
-    ]
+    assert sorted(os.listdir(out)) == PARQUET_OUTPUT
     assert json.loads((out / "run.json").read_text())["format"] == "parquet"
     assert json.loads((out / "stats.json").read_text())["counts"]["seeds"] == 8
 
