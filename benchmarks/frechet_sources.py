@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.checkpoint import load_checkpoint  # noqa: E402
-from model.images import to_uint8  # noqa: E402
+from model.images import to_float, to_uint8  # noqa: E402
 from pipeline.evaluation.batched import generate_batched  # noqa: E402
 from pipeline.evaluation.metrics import frechet_distance  # noqa: E402
 from pipeline.evaluation.probe import ProbeConfig  # noqa: E402
@@ -45,12 +46,12 @@ def reconstruct(ink, images: np.ndarray, captions: list[str] | None, batch_size:
     with `captions`)."""
     model, out = ink.model, []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i : i + batch_size]).float() / 127.5 - 1
+        x = to_float(images[i : i + batch_size])
         tokens = None
         if captions is not None:
             tokens = ink.tokenizer.encode(captions[i : i + batch_size], model.config.max_caption_tokens)
         mu, _ = model.posterior(x, tokens)
-        out.append(to_uint8(model.decode_image(mu).cpu().numpy()))
+        out.append(to_uint8(model.decode_image(mu)))
     return np.concatenate(out)
 
 
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--num-seeds", type=int, default=1000)
     ap.add_argument("--seed-start", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sheet", help="also write a PNG: 8 held-out plates above their image-only reconstructions")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ink = load_checkpoint(args.checkpoint)
@@ -76,14 +78,16 @@ def main() -> None:
         "reconstructed, joint posterior mean (B)": reconstruct(ink, val.images[b], [val.captions[i] for i in b]),
         "generated": generate_batched(ink, list(range(args.seed_start, args.seed_start + n)), 64).images,
     }
-    floor = None
+    floor = frechet_distance(probe.read(val.images[b])[1], ref)
     rows = {}
     for name, images in sets.items():
         row = split_terms(probe.read(images)[1], ref)
-        floor = floor or row["frechet"]
         rows[name] = {**row, "ratio": row["frechet"] / floor}
         print(f"{name:<48} FD {row['frechet']:7.2f} (mean {row['mean_term']:6.2f}, cov {row['cov_term']:6.2f})"
               f"  ratio {row['frechet'] / floor:.2f}", flush=True)  # fmt: skip
+    if args.sheet:
+        rec = sets["reconstructed, image-only posterior mean (B)"][:8]
+        Image.fromarray(np.concatenate([np.concatenate(list(val.images[b][:8]), 1), np.concatenate(list(rec), 1)])).save(args.sheet)
     print(json.dumps({"checkpoint": args.checkpoint, "n": n, "rows": rows}, indent=1))
 
 
