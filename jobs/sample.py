@@ -183,14 +183,19 @@ class Sampler:
     def illustrate(self, text: str, seeds: list[int]) -> list[tuple[dict[str, Any], bytes]]:
         """A caption and seeds -> [({seed, caption, alignment, image_sha256, ...}, PNG bytes)] (t2i);
         alignment scores each image against the caption it illustrates."""
-        captions, bf16 = [text] * len(seeds), self.settings.bf16
-        with self.lock:
-            images = self.ink.illustrate(captions, [int(x) for x in seeds], autocast=bf16)
-            align = self.ink.alignment(images, captions, autocast=bf16)
-        out = []
-        for seed, image, a in zip(seeds, images, align):
-            fields, png = _picture(image)
-            out.append(({"seed": int(seed), "caption": text, "alignment": float(a), **fields}, png))
+        s, out = self.settings, []
+        for start in range(0, len(seeds), s.batch_size):
+            chunk = [int(x) for x in seeds[start : start + s.batch_size]]
+            # A full batch of batch_size rows, as generate_seeds makes: a seed's PNG bytes do not
+            # depend on how many other seeds share its call (CPU kernels reduce in another order).
+            padded = chunk + [chunk[-1]] * (s.batch_size - len(chunk))
+            captions = [text] * len(padded)
+            with self.lock:
+                images = self.ink.illustrate(captions, padded, autocast=s.bf16)
+                align = self.ink.alignment(images, captions, autocast=s.bf16)
+            for seed, image, a in zip(chunk, images, align):
+                fields, png = _picture(image)
+                out.append(({"seed": seed, "caption": text, "alignment": float(a), **fields}, png))
         return out
 
     def interpolate(self, seed_a: int, seed_b: int, steps: int) -> tuple[dict[str, Any], bytes]:
