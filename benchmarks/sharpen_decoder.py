@@ -42,6 +42,7 @@ from ablate_openmoji import cost, evaluate, load_split  # noqa: E402
 from model.adversarial import PatchDiscriminator, adversarial_terms  # noqa: E402
 from model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model.images import to_uint8  # noqa: E402
+from model.networks import widen_decoder  # noqa: E402
 from pipeline.evaluation.freeform import mean_gradient  # noqa: E402
 
 
@@ -88,7 +89,10 @@ def sharpen(model, x, tokens, args) -> dict:
     mu, std = posterior_bank(model, x, tokens)
     bank = prior_bank(model, args.prior_bank, args.seed)
     disc = PatchDiscriminator(tuple(args.disc_channels))
-    opt_g = torch.optim.Adam(decoder.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    new = list(decoder.wide.parameters())
+    old = [p for p in decoder.parameters() if all(p is not q for q in new)]
+    groups = [{"params": old, "lr": args.lr}] + ([{"params": new, "lr": args.new_lr}] if new else [])
+    opt_g = torch.optim.Adam(groups, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9))
     budget = args.cpu_minutes * 60 * 2
     c0, w0, step, log = time.process_time(), time.time(), 0, []
@@ -131,6 +135,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--decoder-widths", type=int, nargs="+", default=None,
+                    help="widen the decoder first (ModelConfig.decoder_widths, zero-init: the same function)")
+    ap.add_argument("--new-lr", type=float, default=5e-4, help="learning rate of the added wide blocks")
     ap.add_argument("--disc-lr", type=float, default=2e-4)
     ap.add_argument("--disc-channels", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--adv-weight", type=float, default=0.5, help="times the adaptive weight")
@@ -147,6 +154,8 @@ def main() -> None:
     captions, images = load_split(Path(args.data))
     x = torch.from_numpy(images).float() / 127.5 - 1
     tokens = ck.tokenizer.encode(captions, ck.model.config.max_caption_tokens)
+    if args.decoder_widths:
+        ck.model = widen_decoder(ck.model, args.decoder_widths)
     stats = sharpen(ck.model, x, tokens, args)
     extra = {**ck.extra, "sharpen": {k: v for k, v in stats.items() if k != "log"} | {"from": args.checkpoint,
              "args": {k: v for k, v in vars(args).items()}}}  # fmt: skip

@@ -44,6 +44,23 @@ class ResBlock(nn.Module):
         return x + self.conv(F.silu(self.norm(x)))
 
 
+class WideBlock(nn.Module):
+    """x + conv3x3(silu(gn(conv3x3(silu(gn(x)))))) through `width` hidden channels; the last conv
+    is zero-init, so the block starts as the identity (ModelConfig.decoder_widths)."""
+
+    def __init__(self, c: int, width: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.GroupNorm(_groups(c), c), nn.SiLU(), nn.Conv2d(c, width, 3, padding=1),
+            nn.GroupNorm(_groups(width), width), nn.SiLU(), nn.Conv2d(width, c, 3, padding=1),
+        )  # fmt: skip
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
 def detail_stage(cfg: ModelConfig) -> int:
     """Index (in cfg.channels, 4x4 first) of the stage at cfg.detail_size resolution."""
     return {4 * 2**i: i for i in range(len(cfg.channels))}[cfg.detail_size]
@@ -122,6 +139,8 @@ class ImageDecoder(nn.Module):
                 )
             )
         self.stages = nn.Sequential(*stages)
+        # Keyed by stage index (4x4 = "0"), so the stages' own weight names do not change.
+        self.wide = nn.ModuleDict({str(i): WideBlock(c, w) for i, (c, w) in enumerate(zip(ch, cfg.decoder_widths)) if w})
         self.detail_at = detail_stage(cfg) if cfg.detail_channels else -1
         if cfg.detail_channels:  # zero-init: the detail latent starts as a no-op
             self.detail_in = nn.Conv2d(cfg.detail_channels, ch[self.detail_at], 1)
@@ -142,6 +161,8 @@ class ImageDecoder(nn.Module):
         self.out = nn.Conv2d(c + k, 1, 3, padding=1)
 
     def _inject(self, x: torch.Tensor, i: int, detail: torch.Tensor | None, noise: list | None) -> torch.Tensor:
+        if str(i) in self.wide:
+            x = self.wide[str(i)](x)
         if i == self.detail_at and detail is not None:
             x = x + self.detail_in(detail.to(x.dtype))
         if self.noise_maps and noise is not None:

@@ -31,7 +31,7 @@ from model.text_nets import CaptionDecoder, CaptionEncoder
 from model.tokenizer import PAD_ID
 
 Posterior = Literal["mix", "joint", "image", "caption"]
-__all__ = ["CaptionDecoder", "CaptionEncoder", "ImageDecoder", "ImageEncoder", "JointModel", "product_of_experts"]
+__all__ = ["CaptionDecoder", "CaptionEncoder", "ImageDecoder", "ImageEncoder", "JointModel", "product_of_experts", "widen_decoder"]
 
 
 def product_of_experts(
@@ -250,3 +250,14 @@ class JointModel(nn.Module):
             out["posterior_std"] = torch.exp(0.5 * logvar).mean()
             out["logit_scale"] = scale.detach()
         return out
+
+
+def widen_decoder(model: JointModel, widths: tuple[int, ...] | list[int]) -> JointModel:
+    """A copy of `model` with ModelConfig.decoder_widths = widths: every trained weight copied, the
+    new wide blocks zero-init, so it starts as exactly the same function (fine-tune it from there:
+    benchmarks/sharpen_decoder.py --decoder-widths)."""
+    wide = JointModel(model.config.replace(decoder_widths=tuple(widths)), model.vocab_size)
+    missing, unexpected = wide.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("image_decoder.wide.") for k in missing):
+        raise ValueError(f"{list(widths)} changes more than the wide blocks: {unexpected[:3]} {missing[:3]}")
+    return wide.to(model.device).train(model.training)

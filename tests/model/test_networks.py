@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model.config import get_preset
-from model.networks import JointModel, product_of_experts
+from model.networks import JointModel, product_of_experts, widen_decoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 GOLDEN_LOSSES = {
@@ -76,3 +76,37 @@ def test_caption_decoding_with_a_kv_cache_matches_the_full_forward(tiny) -> None
             logits, cache = model.caption_decoder.step(tokens[:, pos], pos, cache)
             steps.append(logits)
     assert torch.allclose(torch.stack(steps, 1), full, atol=1e-4)
+
+
+
+def test_a_widened_decoder_starts_as_the_same_function_then_learns(tiny) -> None:
+    model, images, tokens, z = tiny
+    wide = widen_decoder(model, (0, 0, 32, 32, 16))
+    assert sorted(wide.image_decoder.wide) == ["2", "3", "4"] and wide.config.decoder_widths == (0, 0, 32, 32, 16)
+    with torch.no_grad():
+        assert torch.equal(wide.decode_image(z), model.decode_image(z))
+    wide(images, tokens)["loss"].backward()
+    last = wide.image_decoder.wide["4"].net[-1].weight
+    assert last.grad is not None and last.grad.abs().sum() > 0, "the zero-init conv must get a gradient"
+    with torch.no_grad():
+        last.add_(0.05)
+        assert (wide.decode_image(z) - model.decode_image(z)).abs().max() > 1e-3
+
+
+def test_a_widened_checkpoint_round_trips_and_bad_widths_are_named(tmp_path) -> None:
+    from model.checkpoint import load_checkpoint, save_checkpoint
+
+    from builders import scrambled_tiny
+
+    model, tok = scrambled_tiny(["a line drawing of a cat", "a line drawing of a dog"])
+    wide = widen_decoder(model, (0, 0, 0, 16, 16))
+    with torch.no_grad():
+        wide.image_decoder.wide["3"].net[-1].weight.normal_(0, 0.05)
+    save_checkpoint(tmp_path / "wide", wide, tok)
+    back = load_checkpoint(tmp_path / "wide")
+    assert back.config.decoder_widths == (0, 0, 0, 16, 16)
+    z = torch.randn(2, model.config.z_dim)
+    with torch.no_grad():
+        assert torch.equal(back.model.decode_image(z), wide.eval().decode_image(z))
+    with pytest.raises(ValueError, match="decoder_widths needs one width >= 0 per entry of channels"):
+        widen_decoder(model, (16, 16))
