@@ -41,7 +41,7 @@ from ablate_openmoji import cost, evaluate, load_split  # noqa: E402
 
 from model.adversarial import PatchDiscriminator, adversarial_terms  # noqa: E402
 from model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from model.images import to_uint8  # noqa: E402
+from model.images import to_float, to_uint8  # noqa: E402
 from model.networks import widen_decoder  # noqa: E402
 from pipeline.evaluation.freeform import mean_gradient  # noqa: E402
 
@@ -152,13 +152,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ck = load_checkpoint(args.checkpoint)
     captions, images = load_split(Path(args.data))
-    x = torch.from_numpy(images).float() / 127.5 - 1
+    x = to_float(images)
     tokens = ck.tokenizer.encode(captions, ck.model.config.max_caption_tokens)
     if args.decoder_widths:
         ck.model = widen_decoder(ck.model, args.decoder_widths)
     stats = sharpen(ck.model, x, tokens, args)
-    extra = {**ck.extra, "sharpen": {k: v for k, v in stats.items() if k != "log"} | {"from": args.checkpoint,
-             "args": {k: v for k, v in vars(args).items()}}}  # fmt: skip
+    record = {k: v for k, v in stats.items() if k != "log"} | {"from": args.checkpoint, "args": vars(args)}
+    # A checkpoint sharpened again keeps the records of its earlier runs, oldest first.
+    earlier = ck.extra.get("sharpen_earlier", []) + ([ck.extra["sharpen"]] if "sharpen" in ck.extra else [])
+    extra = {**ck.extra, "sharpen": record, "sharpen_earlier": earlier}
     save_checkpoint(args.out, ck.model, ck.tokenizer, extra=extra)
     Path(args.out + "-log.json").write_text(json.dumps(stats["log"], indent=1))
     if args.skip_eval:
