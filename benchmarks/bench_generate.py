@@ -150,16 +150,15 @@ def stage_ms(ink, batch_size: int, steps: int | None, bf16: bool, repeats: int =
     model, tok = ink.model, ink.tokenizer
     seeds = list(range(batch_size))
     with sampling.autocast_context(model.device, bf16):
-        noise = sampling._randn(sampling.seed_generators(seeds), model.noise_dim, model.device)
-        latent, decoder_noise = sampling._prior_sample(model, noise, steps)
-        z, detail = model.split_latent(latent)
-        images = to_uint8(model.decode_image(z, detail, decoder_noise))
+        noise = sampling._randn(sampling.seed_generators(seeds), model.config.z_dim, model.device)
+        z = sampling._prior_sample(model, noise, steps)
+        images = to_uint8(model.decode_image(z))
         captions = tok.decode(decode_tokens(model, z, punctuation=tok.punctuation_mask()))
         x = sampling.from_uint8(images, model.config.image_size, model.device)
         tokens = sampling._encode_tokens(tok, captions, model)
         stages = {
             "prior": lambda: sampling._prior_sample(model, noise, steps),
-            "image_decoder": lambda: to_uint8(model.decode_image(z, detail, decoder_noise)),
+            "image_decoder": lambda: to_uint8(model.decode_image(z)),
             "caption": lambda: tok.decode(decode_tokens(model, z, punctuation=tok.punctuation_mask())),
             "alignment": lambda: sampling._alignment(model, x, tokens),
         }

@@ -46,19 +46,16 @@ def count_macs(cfg: ModelConfig, caption_tokens: int = CAPTION_TOKENS) -> dict[s
     with torch.device("meta"):
         m = JointModel(cfg, VOCAB).eval()
     s, d = cfg.image_size, cfg.z_dim
-    z = torch.zeros(1, d, device="meta")
-    latent = torch.zeros(1, m.latent_dim, device="meta")  # z [+ the detail latent]: what the prior diffuses
-    detail = torch.zeros(1, *m.detail_shape, device="meta") if cfg.detail_channels else None
-    noise = torch.zeros(1, m.noise_dim - m.latent_dim, device="meta")
+    z = torch.zeros(1, d, device="meta")  # also what the prior diffuses
     img = torch.zeros(1, s, s, device="meta")
     tok = torch.zeros(1, caption_tokens, dtype=torch.long, device="meta")
     full = torch.zeros(1, cfg.max_caption_tokens, dtype=torch.long, device="meta")
     t = torch.zeros(1, dtype=torch.long, device="meta")
     out: dict[str, float] = {}
     with torch.no_grad():
-        out["prior_per_step"] = _macs(lambda: m.prior(latent, t))
+        out["prior_per_step"] = _macs(lambda: m.prior(z, t))
         out["prior"] = out["prior_per_step"] * cfg.ddim_steps
-        out["image_decoder"] = _macs(lambda: m.decode_image(z, detail, noise))
+        out["image_decoder"] = _macs(lambda: m.decode_image(z))
 
         def decode():
             _, cache = m.caption_decoder.start(z)
@@ -75,9 +72,8 @@ def count_macs(cfg: ModelConfig, caption_tokens: int = CAPTION_TOKENS) -> dict[s
             lambda: (
                 m.encode_image(img),
                 m.encode_caption(full),
-                m.decode_image(z, detail, noise),
+                m.decode_image(z),
                 m.caption_decoder(z, full[:, :-1]),
-                m.discriminator(img) if cfg.disc_channels else None,
             )
         )
         out["train_forward"] = train_fwd

@@ -1,14 +1,15 @@
-"""Train the joint model on Ray Train (DDP), then fit the latent prior; export the checkpoint.
+"""Train the joint model on Ray Train (DDP): the joint phase, the latent prior, then decoder
+sharpening (`sharpen.steps`); export the checkpoint.
 
 On a Ray cluster (from the repo root; the dashboard address of the head node):
 
-    ray job submit --working-dir . -- python -m jobs.train --config configs/base.yaml \\
+    ray job submit --working-dir . -- python -m jobs.train --config configs/default.yaml \\
         --num-workers 2 --storage-path s3://my-bucket/inkseed-runs --name base-v1
 
 Locally (starts an in-process Ray), and the 1-minute smoke test (tiny model, 128 samples,
 1 epoch; on 200 engravings it renders to a temp folder, unless --data is given):
 
-    python -m jobs.train --config configs/base.yaml
+    python -m jobs.train --config configs/default.yaml
     python -m jobs.train --smoke-test
 
 Running the same command again (same --storage-path and --name) resumes the run from its
@@ -22,7 +23,9 @@ shows the traceback instead).
 
 from __future__ import annotations
 
+import functools
 import os
+import shlex
 import tempfile
 from dataclasses import dataclass
 from typing import Annotated
@@ -80,14 +83,26 @@ def smoke_test_config(cfg: TrainConfig) -> TrainConfig:
     )
 
 
-def main(cfg: TrainConfig) -> str:
+def provenance(argv: list[str] | None = None) -> dict[str, str]:
+    """What made a run, for its checkpoints' config.json: the command line and the text of its
+    --config file, so that nothing else is needed to make the checkpoint again."""
+    argv = argv_or_sys(argv)
+    record = {"command": shlex.join(["python", "-m", "jobs.train", *argv])}
+    config = flag_value(argv, "--config")
+    if config and os.path.isfile(_config_path(config)):
+        with open(_config_path(config)) as f:
+            record.update(config_file=_config_path(config), config_yaml=f.read())
+    return record
+
+
+def main(cfg: TrainConfig, argv: list[str] | None = None) -> str:
     """Run the job. Ray starts once the inputs are checked (inside `ray job submit` RAY_ADDRESS
     points at the cluster; otherwise a local Ray starts) and is shut down if it started here."""
     if cfg.data == SMOKE_DATA and not storage.exists(os.path.join(SMOKE_DATA, "metadata.jsonl")):
         from pipeline.data.engrave import render_dataset
 
         render_dataset(SMOKE_DATA, count=200, size=64, seed=0)  # read at 32 px
-    return run_owning_ray(run_training, cfg)
+    return run_owning_ray(functools.partial(run_training, made_by=provenance(argv)), cfg)
 
 
 if __name__ == "__main__":

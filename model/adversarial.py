@@ -1,13 +1,17 @@
-"""The optional adversarial term of the image decoder: a PatchGAN discriminator (VQGAN), hinge
-losses, and DiffAugment (Zhao et al. 2020) so a small dataset does not let it memorize.
+"""The adversarial pieces of the decoder-sharpening training phase
+(pipeline/training/sharpen_phase.py): a PatchGAN discriminator (VQGAN), hinge losses, and
+DiffAugment (Zhao et al. 2020) so a small dataset does not let it memorize.
 
-One optimizer trains both sides: the discriminator's loss sees the reconstruction detached, and
-the decoder's loss goes through the discriminator with its weights detached
-(`torch.func.functional_call`), so each side's gradient reaches only its own parameters and the
-training loop (and DDP) stay as they are. Off in the committed default (`disc_channels=()`).
+They are not part of JointModel (nor of its model.safetensors): the sharpening phase holds the
+discriminator and gives it its own optimizer. `adversarial_terms` still keeps each side's
+gradient to its own parameters (the discriminator's loss sees the fake images detached; the
+decoder's loss goes through the discriminator with its weights detached, by
+`torch.func.functional_call`), so the two losses may be summed or stepped in either order.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,14 +68,23 @@ def diff_augment(x: torch.Tensor) -> torch.Tensor:
 
 
 def adversarial_terms(
-    disc: PatchDiscriminator, real: torch.Tensor, fake: torch.Tensor
+    disc: PatchDiscriminator,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    *,
+    augment: bool = True,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(discriminator hinge loss, decoder hinge loss) on augmented real and fake images (B, S, S).
+    """(discriminator hinge loss, decoder hinge loss) on real and fake images (B, S, S), each
+    DiffAugment-ed unless augment=False.
 
-    The discriminator loss sees `fake` detached; the decoder loss goes through the discriminator
-    with detached weights, so optimizing their sum trains each side on its own term only."""
-    real_aug, fake_aug = diff_augment(real.float()), diff_augment(fake.float())
-    d_loss = F.relu(1 - disc(real_aug)).mean() + F.relu(1 + disc(fake_aug.detach())).mean()
+    The discriminator loss runs `forward` (default `disc`; under DDP its wrapper, so that gradient
+    is averaged across workers) once, on the real images and `fake` detached; the decoder loss
+    goes through `disc` with detached weights. Optimizing their sum trains each side on its own
+    term only."""
+    real_aug, fake_aug = (diff_augment(real.float()), diff_augment(fake.float())) if augment else (real.float(), fake.float())
+    logits = (forward or disc)(torch.cat([real_aug, fake_aug.detach()]))  # one forward: (B_r + B_f, 1, s, s)
+    d_loss = F.relu(1 - logits[: len(real_aug)]).mean() + F.relu(1 + logits[len(real_aug) :]).mean()
     frozen = {k: v.detach() for k, v in disc.named_parameters()}
     g_loss = -torch.func.functional_call(disc, frozen, (fake_aug,)).mean()
     return d_loss, g_loss

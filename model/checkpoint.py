@@ -20,6 +20,8 @@ file hashes: one stored value vouches for all three files. An edit that keeps ev
 Format 1 (`LEGACY_FORMAT`, e.g. checkpoints/default before its default-v4 retrain) recorded `weights_sha256`
 only: it still loads, with the weights checked and the config and tokenizer taken as they are.
 `save_checkpoint` always writes format 2.
+Options removed by issue 25, stored "off" by older checkpoints, are dropped once the hashes have
+been checked on config.json as saved; one that was on is refused (`limits.without_removed_options`).
 
 The digest (`checkpoint_digest`: sha256 over the three files' names, sizes and bytes, in a fixed
 order) identifies a checkpoint for provenance (run.json, manifests); it covers the config and
@@ -50,7 +52,7 @@ from safetensors.torch import save as save_tensors
 from model import sampling
 from model.config import ModelConfig
 from model.io import atomic_write
-from model.limits import check_limits
+from model.limits import check_limits, without_removed_options
 from model.networks import JointModel
 from model.tokenizer import CaptionTokenizer
 
@@ -245,10 +247,11 @@ def _read_config(file: Path) -> tuple[dict[str, Any], ModelConfig]:
         )  # fmt: skip
     try:
         check_limits(meta["model_config"], meta["vocab_size"])  # before ModelConfig or a network
+        stored = without_removed_options(meta["model_config"])  # after the hashes: as saved
     except ValueError as e:
         raise CheckpointError(file, str(e)) from e
     try:
-        return meta, ModelConfig.from_dict(meta["model_config"])
+        return meta, ModelConfig.from_dict(stored)
     except (TypeError, ValueError) as e:
         raise CheckpointError(file, f"invalid model_config ({e})") from e
 

@@ -33,12 +33,6 @@ def _default_loss_weights() -> dict[str, float]:
         # InfoNCE between the image-only and caption-only encodings: ties the two
         # posteriors together and gives the alignment score; kept below reconstruction.
         "contrastive": 0.1,
-        # KL of the spatial detail latent (detail_channels > 0), per dim like `kl`: small, so
-        # the detail keeps the stroke positions; the prior then models where it lands.
-        "detail_kl": 1e-3,
-        # PatchGAN hinge term of the decoder (disc_channels non-empty), against L1 + gradient
-        # (VQGAN's weighting): large enough to sharpen strokes, small enough not to move them.
-        "adversarial": 0.1,
     }
 
 
@@ -78,24 +72,11 @@ class ModelConfig:
     channels: tuple[int, ...] = (128, 128, 64, 32, 16, 8)
     # Hidden width of a wide residual block after each decoder stage (4x4 first, as `channels`;
     # 0 = none there; () = none at all). GN, SiLU, 3x3 conv C -> W, GN, SiLU, 3x3 conv W -> C
-    # (zero-init, so a checkpoint widened this way starts as the same function): capacity at
-    # the 32-128 px stages, where the narrow `channels` lose a subject's fine parts, at a
-    # cost of 18 C W S^2 MAC per stage instead of widening every conv of the stage.
+    # (the last conv zero-init, so each block starts as the identity): capacity at the
+    # 32-128 px stages, where the narrow `channels` lose a subject's fine parts, at a cost of
+    # 18 C W S^2 MAC per stage instead of widening every conv of the stage. Chosen with the
+    # other sizes before training starts.
     decoder_widths: tuple[int, ...] = ()
-    # Channels of the spatial detail latent beside z (0 disables): a C x detail_size^2 Gaussian
-    # from the encoder's detail_size stage, added into the decoder there, and diffused jointly
-    # with z by the prior. It carries what a 64-d z cannot: where each stroke of a free-form
-    # drawing lies (model/image_nets.py).
-    detail_channels: int = 0
-    # Side of the detail latent: a power of two from 4 to image_size.
-    detail_size: int = 8
-    # StyleGAN-style noise maps in every decoder stage, drawn from the seed (zero-init strengths).
-    noise_maps: bool = False
-    # PatchGAN discriminator widths (stride-2 convs) for the adversarial term; () disables.
-    disc_channels: tuple[int, ...] = ()
-    # Training forwards before the adversarial term reaches the decoder (the discriminator
-    # trains from the start): the decoder first learns the layout from L1.
-    adversarial_start: int = 0
     # Learned full-resolution "plate texture" maps the decoder gates into its last stage:
     # hatching sits at fixed plate coordinates, which translation-equivariant convs cannot
     # place sharply by themselves. 0 disables.
@@ -127,8 +108,6 @@ class ModelConfig:
     # Probability that a training sample uses the joint, image-only or caption-only
     # posterior (MVAE-style sub-sampling), so captioning and illustrating decode well too.
     posterior_mix: tuple[float, float, float] = (0.5, 0.25, 0.25)
-    # KL free bits per latent dimension (nats); 0 disables. Stops posterior collapse of dims.
-    free_bits: float = 0.0
     # Dropout in the caption transformers: the data are procedural and plentiful, so 0.
     dropout: float = 0.0
     # Loss weights (see _default_loss_weights for why each).
@@ -136,7 +115,6 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
-        self.disc_channels = tuple(int(c) for c in self.disc_channels)
         self.decoder_widths = tuple(int(c) for c in self.decoder_widths)
         self.posterior_mix = tuple(float(p) for p in self.posterior_mix)  # type: ignore[assignment]
         weights = _default_loss_weights()
@@ -171,9 +149,6 @@ class ModelConfig:
         if self.decoder_widths and (len(self.decoder_widths) != len(self.channels) or min(self.decoder_widths) < 0):
             raise ValueError(f"decoder_widths needs one width >= 0 per entry of channels ({len(self.channels)}), "
                              f"or none, got {list(self.decoder_widths)}")
-        d = self.detail_size
-        if self.detail_channels < 0 or (self.detail_channels and (d < 4 or d > s or d & (d - 1))):
-            raise ValueError(f"detail_channels must be >= 0 and detail_size a power of two in [4, {s}], got {self.detail_channels}, {d}")
         if self.text_width % self.text_heads:
             raise ValueError("text_width must be divisible by text_heads")
         if len(self.posterior_mix) != 3 or abs(sum(self.posterior_mix) - 1.0) > 1e-6:
@@ -188,7 +163,6 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["channels"] = list(self.channels)
         d["posterior_mix"] = list(self.posterior_mix)
-        d["disc_channels"] = list(self.disc_channels)
         d["decoder_widths"] = list(self.decoder_widths)
         return d
 

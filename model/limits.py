@@ -5,6 +5,10 @@ hand (or by an attacker) such as `channels: [100000, ...]` would allocate many g
 any shape check could fail, and a `vocab_size` of "12" or 12.5 would fail deep inside torch. Each
 size must be an integer (not a bool, not a float) inside its range: far above the `large`
 preset, far below what would exhaust a host. Fields not listed are checked by ModelConfig itself.
+
+A stored config may also hold options an ablation rejected and issue 25 removed (docs/quality.md
+keeps the record): checkpoints saved before then store them at their "off" values, which
+`without_removed_options` drops; a checkpoint that used one is refused by name.
 """
 
 from __future__ import annotations
@@ -13,16 +17,15 @@ from typing import Any
 
 from model.tokenizer import SPECIALS
 
-# field -> (min, max). `channels` bounds each entry of the list.
+# field -> (min, max). For the LISTS, the bounds of each entry.
 CONFIG_LIMITS: dict[str, tuple[int, int]] = {
     "image_size": (8, 2048), "z_dim": (1, 4096), "channels": (1, 4096), "texture_bank": (0, 256),
     "text_width": (1, 8192), "text_layers": (1, 64), "text_encoder_layers": (1, 64), "text_heads": (1, 128),
     "max_caption_tokens": (3, 4096), "prefix_tokens": (1, 512), "feature_dim": (1, 16384),
     "embed_dim": (1, 8192), "prior_width": (1, 16384), "prior_depth": (1, 128),
-    "prior_timesteps": (1, 100_000), "ddim_steps": (1, 100_000), "detail_channels": (0, 1024),
-    "detail_size": (4, 2048), "disc_channels": (1, 4096), "adversarial_start": (0, 10**12),
+    "prior_timesteps": (1, 100_000), "ddim_steps": (1, 100_000), "decoder_widths": (0, 4096),
 }  # fmt: skip
-LISTS = ("channels", "disc_channels")  # fields whose every entry the limits bound
+LISTS = ("channels", "decoder_widths")  # fields whose every entry the limits bound
 MAX_CHANNEL_STAGES = 16
 VOCAB_LIMITS = (len(SPECIALS), 10_000_000)  # at least the four specials
 
@@ -52,3 +55,27 @@ def check_limits(model_config: Any, vocab_size: Any) -> None:
             raise ValueError(f"model_config.{name} must be a list of {least}..{MAX_CHANNEL_STAGES} integers, got {value!r}")
         for i, c in enumerate(value):
             _check_int(f"model_config.{name}[{i}]", c, limits)
+
+
+# Options of older checkpoints -> the value that means "off"; then what meant something only with
+# one of them on, dropped whatever its value.
+REMOVED_OPTIONS: dict[str, Any] = {"detail_channels": 0, "noise_maps": False, "disc_channels": [], "free_bits": 0.0}
+REMOVED_SETTINGS = ("detail_size", "adversarial_start")
+REMOVED_LOSS_WEIGHTS = ("detail_kl", "adversarial")
+
+
+def without_removed_options(model_config: dict[str, Any]) -> dict[str, Any]:
+    """A stored model_config without the removed options (module docstring); ValueError naming the
+    option when it is not off."""
+    for name, off in REMOVED_OPTIONS.items():
+        if name in model_config and model_config[name] != off:
+            raise ValueError(
+                f"model_config.{name}={model_config[name]!r}: this checkpoint uses the {name} option, which "
+                "was removed from inkseed after an ablation rejected it (docs/quality.md keeps the record); "
+                "load it with the inkseed version that trained it"
+            )
+    removed = {*REMOVED_OPTIONS, *REMOVED_SETTINGS}
+    config = {k: v for k, v in model_config.items() if k not in removed}
+    if isinstance(config.get("loss_weights"), dict):
+        config["loss_weights"] = {k: v for k, v in config["loss_weights"].items() if k not in REMOVED_LOSS_WEIGHTS}
+    return config

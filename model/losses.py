@@ -27,20 +27,10 @@ def caption_cross_entropy(
     return ce, acc.float()
 
 
-def kl_to_standard_normal(
-    mu: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL(N(mu, var) || N(0, I)) summed over dims, mean over batch: (reported, optimized).
-
-    With free_bits > 0 each dim's batch-mean KL is floored at free_bits in the optimized
-    value, so the optimizer stops squeezing dims that are already nearly at the prior.
-    """
+def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, var) || N(0, I)) of (B, D) posteriors, summed over dims, mean over batch."""
     kl_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)  # (B, D)
-    per_dim = kl_dim.mean(0)  # (D,)
-    kl = per_dim.sum()
-    if free_bits > 0:
-        return kl, per_dim.clamp_min(free_bits).sum()
-    return kl, kl
+    return kl_dim.mean(0).sum()
 
 
 def info_nce(

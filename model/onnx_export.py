@@ -2,9 +2,8 @@
 
 The export folder holds one graph per network `generate()` runs, every one with a dynamic batch axis:
 
-    prior_denoiser.onnx    x_t (B, latent_dim), t (B,) int64 -> eps (B, latent_dim)
-    image_decoder.onnx     z (B, z_dim) [, detail (B, C, d, d)] [, noise (B, noise_dim - latent_dim)]
-                           -> image (B, S, S) in [-1, 1]
+    prior_denoiser.onnx    x_t (B, z_dim), t (B,) int64 -> eps (B, z_dim)
+    image_decoder.onnx     z (B, z_dim) -> image (B, S, S) in [-1, 1]
     caption_start.onnx     z (B, z_dim) -> logits (B, V), present_key_i / present_value_i (B, H, P+1, Dh)
     caption_step.onnx      token (B,), pos () int64, past_key_i / past_value_i (B, H, L, Dh)
                            -> logits (B, V), present_key_i / present_value_i (B, H, L+1, Dh)
@@ -14,7 +13,7 @@ The export folder holds one graph per network `generate()` runs, every one with 
 plus tokenizer.json (the checkpoint's), inkseed_onnx.json (sizes, graph files, the checkpoint's
 digest, the parity result), inkseed_onnx.npz (the prior's alphas_cumprod and latent stats, the
 tokenizer's punctuation mask) and onnx_sampler.py (a copy of model/onnx_sampler.py, the numpy
-sampler that runs them). The discriminator is training-only and is not exported.
+sampler that runs them).
 
 The exporter is torch's TorchScript-based one (`torch.onnx.export(..., dynamo=False)`): with
 torch 2.13 the dynamo-based default needs the extra `onnxscript` package and took ~10 s per graph
@@ -56,17 +55,12 @@ class _Denoiser(nn.Module):
 
 
 class _ImageDecoder(nn.Module):
-    """decode_image(z, detail, noise), its optional inputs present only where the model has them."""
-
     def __init__(self, model: JointModel) -> None:
         super().__init__()
         self.model = model
-        self.has_detail, self.has_noise = bool(model.config.detail_channels), model.config.noise_maps
 
-    def forward(self, z: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
-        detail = extra[0] if self.has_detail else None
-        noise = extra[-1] if self.has_noise else None
-        return self.model.decode_image(z, detail, noise)
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_image(z)
 
 
 class _CaptionStart(nn.Module):
@@ -169,18 +163,11 @@ def _graphs(model: JointModel) -> dict[str, _Graph]:
     cfg, b = model.config, EXAMPLE_BATCH
     g = torch.Generator().manual_seed(0)
     z = torch.randn(b, cfg.z_dim, generator=g)
-    dec_in, dec_args = ["z"], [z]
-    if cfg.detail_channels:
-        dec_in.append("detail")
-        dec_args.append(torch.randn(b, *model.detail_shape, generator=g))
-    if cfg.noise_maps:
-        dec_in.append("noise")
-        dec_args.append(torch.randn(b, model.noise_dim - model.latent_dim, generator=g))
-    x = torch.randn(b, model.latent_dim, generator=g)
+    x = torch.randn(b, cfg.z_dim, generator=g)
     images = torch.rand(b, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
     return {
         "prior_denoiser": _Graph(_Denoiser(model), (x, torch.tensor([10, 500])), ["x", "t"], ["eps"]),
-        "image_decoder": _Graph(_ImageDecoder(model), tuple(dec_args), dec_in, ["image"]),
+        "image_decoder": _Graph(_ImageDecoder(model), (z,), ["z"], ["image"]),
         "image_encoder": _Graph(_ImageEncoder(model), (images,), ["images"], ["mu", "logvar", "embedding"]),
         **_caption_graphs(model, z, g),
     }
@@ -203,8 +190,8 @@ def _export_graph(graph: _Graph, path: Path, opset: int) -> None:
 def export_onnx(ink: Inkseed, out: str | Path, opset: int = 17) -> dict[str, Any]:
     """Write the export folder (module docstring) for a loaded checkpoint; returns its meta."""
     model = ink.model.cpu().eval()
-    if model.noise_dim < 16:  # onnx_sampler.torch_randn reproduces torch from 16 numbers on
-        raise ValueError(f"the ONNX sampler needs >= 16 noise numbers a seed; this model draws {model.noise_dim}")
+    if model.config.z_dim < 16:  # onnx_sampler.torch_randn reproduces torch from 16 numbers on
+        raise ValueError(f"the ONNX sampler needs >= 16 noise numbers a seed; this model draws z_dim={model.config.z_dim}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
@@ -215,9 +202,7 @@ def export_onnx(ink: Inkseed, out: str | Path, opset: int = 17) -> dict[str, Any
     meta = {
         "format_version": FORMAT_VERSION, "checkpoint": ink.path, "checkpoint_digest": ink.digest,
         "torch_version": torch.__version__, "opset": opset, "graphs": {n: f"{n}.onnx" for n in graphs},
-        "z_dim": cfg.z_dim, "latent_dim": model.latent_dim, "noise_dim": model.noise_dim,
-        "detail_shape": list(model.detail_shape), "noise_maps": cfg.noise_maps, "image_size": cfg.image_size,
-        "max_caption_tokens": cfg.max_caption_tokens, "ddim_steps": cfg.ddim_steps, "vocab_size": model.vocab_size,
+        "z_dim": cfg.z_dim, "image_size": cfg.image_size, "max_caption_tokens": cfg.max_caption_tokens, "ddim_steps": cfg.ddim_steps, "vocab_size": model.vocab_size,
         "no_repeat_ngram": NO_REPEAT_NGRAM, "model_config": cfg.to_dict(),
     }  # fmt: skip
     np.savez(

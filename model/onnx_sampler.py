@@ -10,11 +10,11 @@ the rest of inkseed), so the export folder, which holds a copy of this file, run
     samples = OnnxSampler("DIR").generate([0, 1, 2])   # .images uint8 (B, S, S), .captions, .alignment
 
 The steps are those of `generate()`:
-  1. a seed's noise: `torch.randn(noise_dim, generator=torch.Generator().manual_seed(seed))`,
+  1. a seed's noise: `torch.randn(z_dim, generator=torch.Generator().manual_seed(seed))`,
      redone in numpy (`torch_randn`: torch's CPU mt19937 and its Box-Muller in blocks of 16),
      equal to torch's numbers within a float32 ulp (the export's parity check would show a drift);
   2. DDIM (eta = 0) over the prior's denoiser graph, the loop of `LatentPrior.sample`;
-  3. the image decoder graph on z (+ the detail latent, + the decoder noise maps);
+  3. the image decoder graph on z;
   4. greedy captions through the caption decoder's start and step graphs (KV cache in and out),
      with `model/decoding.py`'s repeat block (`repeat_mask`);
   5. alignment: cosine of the image and caption encoders' unit embeddings, the image re-read
@@ -177,16 +177,20 @@ class OnnxSampler:
             name: ort.InferenceSession(str(self.dir / file), opts, providers=["CPUExecutionProvider"])
             for name, file in self.meta["graphs"].items()
         }
+        inputs = [i.name for i in self.sessions["image_decoder"].get_inputs()]
+        if inputs != ["z"]:  # an export of an older model, whose decoder took more than z
+            raise ValueError(f"{self.dir}: its image decoder takes {inputs}, this sampler feeds z alone: "
+                             "run the onnx_sampler.py inside that folder")  # fmt: skip
 
     def _run(self, graph: str, **feeds: np.ndarray) -> list[np.ndarray]:
         return self.sessions[graph].run(None, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
 
     def noise(self, seeds: list[int]) -> np.ndarray:
-        """(B, noise_dim) float32: row i is seed i's noise (step 1)."""
-        return np.stack([torch_randn(s, self.meta["noise_dim"]) for s in seeds])
+        """(B, z_dim) float32: row i is seed i's noise (step 1)."""
+        return np.stack([torch_randn(s, self.meta["z_dim"]) for s in seeds])
 
     def prior_sample(self, noise: np.ndarray, steps: int | None = None, clip: float = 6.0) -> np.ndarray:
-        """DDIM (eta = 0) of `LatentPrior.sample`: x_T (B, latent_dim) -> latent (B, latent_dim) (step 2)."""
+        """DDIM (eta = 0) of `LatentPrior.sample`: x_T (B, z_dim) -> z (B, z_dim) (step 2)."""
         ab = self.arrays["alphas_cumprod"]
         taus = ddim_taus(len(ab), steps or self.meta["ddim_steps"])
         x, one = noise.astype(np.float32), np.float32(1.0)
@@ -197,15 +201,9 @@ class OnnxSampler:
             x = np.sqrt(ab_prev) * x0 + np.sqrt(one - ab_prev) * eps
         return x * self.arrays["latent_std"] + self.arrays["latent_mean"]
 
-    def decode_image(self, latent: np.ndarray, decoder_noise: np.ndarray) -> np.ndarray:
-        """latent (B, latent_dim) [+ decoder noise] -> images float32 (B, S, S) in [-1, 1] (step 3)."""
-        m = self.meta
-        feeds = {"z": latent[:, : m["z_dim"]]}
-        if m["detail_shape"][0]:
-            feeds["detail"] = latent[:, m["z_dim"] :].reshape(-1, *m["detail_shape"])
-        if m["noise_maps"]:
-            feeds["noise"] = decoder_noise
-        return self._run("image_decoder", **feeds)[0]
+    def decode_image(self, z: np.ndarray) -> np.ndarray:
+        """z (B, z_dim) -> images float32 (B, S, S) in [-1, 1] (step 3)."""
+        return self._run("image_decoder", z=z)[0]
 
     def greedy_tokens(self, z: np.ndarray) -> np.ndarray:
         """z (B, z_dim) -> tokens (B, T): `decode_tokens` with temperature 0, beams 1 (step 4)."""
@@ -242,14 +240,12 @@ class OnnxSampler:
         seeds = [int(s) for s in seeds]
         if not seeds:
             raise ValueError("generate needs at least one seed")
-        d, z_dim = self.meta["latent_dim"], self.meta["z_dim"]
         parts = []
         for start in range(0, len(seeds), batch_size):
-            noise = self.noise(seeds[start : start + batch_size])
-            latent = self.prior_sample(noise[:, :d], steps)
-            images = to_uint8(self.decode_image(latent, noise[:, d:]))
-            captions = self.captions.decode(self.greedy_tokens(latent[:, :z_dim]))
-            parts.append((images, captions, self.alignment(images, captions), latent[:, :z_dim]))
+            z = self.prior_sample(self.noise(seeds[start : start + batch_size]), steps)  # (B, z_dim)
+            images = to_uint8(self.decode_image(z))
+            captions = self.captions.decode(self.greedy_tokens(z))
+            parts.append((images, captions, self.alignment(images, captions), z))
         images, captions, align, z = zip(*parts)
         flat = [c for chunk in captions for c in chunk]
         return OnnxSamples(np.concatenate(images), flat, np.concatenate(align), np.concatenate(z), seeds)

@@ -136,18 +136,15 @@ def _alignment(model: JointModel, images: torch.Tensor, tokens: torch.Tensor) ->
     return (e_i.float() * e_c.float()).sum(-1)  # (B,) cosine of unit embeddings
 
 
-def _prior_sample(model: JointModel, noise: torch.Tensor, steps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-seed noise (B, noise_dim) -> the prior's latent (B, latent_dim) from its first
-    latent_dim numbers (DDIM) and the decoder's noise maps from the rest (B, noise_dim - latent_dim)."""
-    d = model.latent_dim
-    return model.prior.sample(noise[:, :d], steps or model.config.ddim_steps), noise[:, d:]
+def _prior_sample(model: JointModel, noise: torch.Tensor, steps: int | None) -> torch.Tensor:
+    """Per-seed noise x_T (B, z_dim) -> the prior's z (B, z_dim) by DDIM."""
+    return model.prior.sample(noise, steps or model.config.ddim_steps)
 
 
 def _render(
     model: JointModel,
     tokenizer: CaptionTokenizer,
-    latent: torch.Tensor,
-    decoder_noise: torch.Tensor,
+    z: torch.Tensor,
     seeds: list[int],
     *,
     temperature: float,
@@ -155,9 +152,8 @@ def _render(
     generators: list[torch.Generator] | None,
     beams: int,
 ) -> Samples:
-    """Decode the prior's latent (z [+ detail]) into images + captions; score their alignment."""
-    z, detail = model.split_latent(latent)
-    images = to_uint8(model.decode_image(z, detail, decoder_noise))
+    """Decode the prior's z (B, z_dim) into images + captions; score their alignment."""
+    images = to_uint8(model.decode_image(z))
     tokens = decode_tokens(
         model, z, temperature=temperature, top_k=top_k, generators=generators, beams=beams,
         punctuation=tokenizer.punctuation_mask(),
@@ -193,9 +189,9 @@ def generate(
         model.to(device)
     gens = seed_generators(seeds)
     with _eval_mode(model), autocast_context(model.device, autocast):
-        latent, decoder_noise = _prior_sample(model, _randn(gens, model.noise_dim, model.device), steps)
+        z = _prior_sample(model, _randn(gens, model.config.z_dim, model.device), steps)
         return _render(
-            model, tokenizer, latent, decoder_noise, seeds,
+            model, tokenizer, z, seeds,
             temperature=temperature, top_k=top_k, generators=gens, beams=beams,
         )  # fmt: skip
 
@@ -228,9 +224,7 @@ def illustrate(
     """caption -> caption-only posterior sample (noise from the seed) -> image uint8 (B, S, S).
 
     The caption fixes the attributes; the seed picks the details the caption leaves open,
-    drawn from the caption-only posterior the decoder was trained on (noise_scale 0 = its mean),
-    and the decoder's noise maps if it has them. A detail latent, which only an image gives, is
-    left at its prior mean 0: what the decoder was trained on for caption-only posteriors.
+    drawn from the caption-only posterior the decoder was trained on (noise_scale 0 = its mean).
     """
     if len(captions) != len(seeds):
         raise ValueError(f"illustrate needs one seed per caption, got {len(captions)} and {len(seeds)}")
@@ -238,10 +232,9 @@ def illustrate(
     with _eval_mode(model), autocast_context(model.device, autocast):
         mu, logvar, _ = model.encode_caption(_encode_tokens(tokenizer, captions, model))
         mu, logvar = product_of_experts([mu], [logvar])
-        d = model.config.z_dim
-        noise = _randn(gens, d + model.noise_dim - model.latent_dim, model.device)
-        z = mu + noise_scale * torch.exp(0.5 * logvar) * noise[:, :d]
-        return to_uint8(model.decode_image(z, None, noise[:, d:]))
+        noise = _randn(gens, model.config.z_dim, model.device)  # (B, z_dim)
+        z = mu + noise_scale * torch.exp(0.5 * logvar) * noise
+        return to_uint8(model.decode_image(z))
 
 
 def _slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -272,12 +265,12 @@ def interpolate(
     steps = max(2, int(steps))
     gens = seed_generators([seed_a, seed_b])
     with _eval_mode(model), autocast_context(model.device, autocast):
-        noise = _randn(gens, model.noise_dim, torch.device("cpu")).double()
+        noise = _randn(gens, model.config.z_dim, torch.device("cpu")).double()
         t = torch.linspace(0, 1, steps, dtype=torch.float64)
-        path = _slerp(noise[0], noise[1], t).float().to(model.device)  # (N, noise_dim)
+        path = _slerp(noise[0], noise[1], t).float().to(model.device)  # (N, z_dim)
         path[0], path[-1] = noise[0].float(), noise[1].float()
-        latent, decoder_noise = _prior_sample(model, path, ddim_steps)
-        return _render(model, tokenizer, latent, decoder_noise, [], temperature=0.0, top_k=0, generators=None, beams=1)
+        z = _prior_sample(model, path, ddim_steps)
+        return _render(model, tokenizer, z, [], temperature=0.0, top_k=0, generators=None, beams=1)
 
 
 def alignment(

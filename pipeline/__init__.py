@@ -15,11 +15,13 @@ data/          datasets in: the embedded procedural engravings, and any user's i
     decode.py      image decoding inside Ray Data tasks (bad rows marked, never raised)
     ingest.py      `read_dataset` / `load_dataset`: a Ray Dataset of model-ready rows, skip counts printed
 
-training/      Ray Train: DDP training of the joint model, then the latent prior
+training/      Ray Train: DDP training of the joint model, the latent prior, decoder sharpening
     config.py      `TrainConfig` (every field a flag of jobs.train), YAML loading, the run's model config
     driver.py      `run_training`: checks, tokenizer, datasets, TorchTrainer, export
-    worker.py      `train_loop_per_worker`: phase 1 epochs, validation, logging, reports
+    worker.py      `train_loop_per_worker`: the three phases in order; phase 1 epochs, validation, reports
     prior_phase.py phase 2: the latent prior fitted data parallel on posterior means
+    sharpen_phase.py phase 3: decoder-only PatchGAN fine-tuning, the discriminator its own DDP module
+    faults.py      injected worker failures for the resume tests (INKSEED_TRAIN_FAIL_AFTER)
     state.py       what a training checkpoint holds; write, report, restore (pickle-free)
     resume.py      which checkpoint a run resumes (falling back past corrupt ones), the setup check
     export.py      the exported checkpoint, replaced whole (written beside, then swapped)
@@ -36,6 +38,7 @@ generation/    Ray Data: mass generation with exactly-once resume
     verify.py      which parts are done (resume), complete (end of run), sound (`--verify`, on Ray)
     errors.py      the one-line `error: ...` of the jobs, errors of Ray tasks rebuilt on the driver
     run.py         `run_generation`: checks, lease, run identity, the driver loop writing parts, repair
+    chaos.py       fault injection: drivers and actors killed at random, then `--verify` (`python -m`)
 
 evaluation/    quality, measured (jobs.evaluate)
     config.py      `EvaluateConfig` (every field a flag of jobs.evaluate)

@@ -2,6 +2,11 @@
 # The README's test command: install inkseed with its dev tools, lint, run every test (slow ones too).
 #
 #   bash scripts/test.sh [extra pytest args]
+#   bash scripts/test.sh -m "not slow"     # the fast tier: every module, without the end-to-end tests
+#   bash scripts/test.sh tests/model -x    # any pytest arguments
+#
+# Tests marked slow (pyproject.toml's markers) are the end-to-end ones: Ray Train runs, ray job
+# submit, fault injection, formats on S3, the demo in a browser. CI (.ci/run) runs everything.
 #
 # Fails when ruff finds a problem, when a test fails, and when pytest collects no test at all.
 set -euo pipefail

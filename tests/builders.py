@@ -13,18 +13,18 @@ from pipeline.evaluation.real import RealSet
 
 
 def scrambled_tiny(captions: list[str], seed: int = 0, **changes) -> tuple[JointModel, CaptionTokenizer]:
-    """An untrained tiny (64 px) model (ModelConfig `changes` applied), its caption decoder, prior
-    output and zero-init detail / noise inputs scrambled so that captions and images vary with
-    the seed, latent stats fitted to N(0.5, 2^2); in eval mode."""
+    """An untrained tiny (64 px) model (ModelConfig `changes` applied), its caption decoder and
+    prior output scrambled so that captions and images vary with the seed, latent stats fitted
+    to N(0.5, 2^2); in eval mode."""
     torch.manual_seed(seed)
     tok = CaptionTokenizer.train(captions)
     model = JointModel(get_preset("tiny").replace(**changes), tok.vocab_size)
-    scrambled = ("caption_decoder", "prior.out", "image_decoder.detail_in", "image_decoder.noise_strength")
+    scrambled = ("caption_decoder", "prior.out")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith(scrambled):
                 p.add_(torch.randn_like(p) * 0.3)
-        model.fit_latent_stats(torch.randn(256, model.latent_dim) * 2 + 0.5)
+        model.fit_latent_stats(torch.randn(256, model.config.z_dim) * 2 + 0.5)
     return model.eval(), tok
 
 

@@ -22,10 +22,59 @@ from pipeline.data.paths import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXEL
 from pipeline.training.metrics_log import WandbMode
 
 Precision = Literal["auto", "bf16", "fp32"]
+# Batches' worth of rows each epoch reshuffles locally, on top of the one global shuffle the driver
+# makes before caching the train split: a new mix of batches every epoch.
+SHUFFLE_BATCHES = 32
 
 
 class TrainError(RuntimeError):
     """A training input or resource problem, reported before any training starts."""
+
+
+@dataclass
+class SharpenConfig:
+    """Phase 3: only z -> pixels trains, on a PatchGAN hinge term beside the image loss; the
+    encoders, caption decoder, contrastive heads and prior stay frozen, so captions and the
+    latent a seed lands on do not move (pipeline/training/sharpen_phase.py says why)."""
+
+    # Optimizer steps (0 = no sharpening). Each step decodes a batch_size batch of posterior
+    # samples and as many prior samples; raising it on a finished run continues that run.
+    steps: int = 0
+    # Decoder learning rate (Adam, betas 0.5/0.9 as in VQGAN): small, the decoder is trained.
+    lr: float = 1e-4
+    # Discriminator learning rate (its own Adam, betas 0.5/0.9).
+    disc_lr: float = 2e-4
+    # PatchGAN widths (stride-2 4x4 convs); 3 layers see ~1/4 of a 128 px plate per logit.
+    disc_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    # Multiplier of VQGAN's adaptive weight |grad rec| / |grad adv| at the decoder's last layer.
+    adv_weight: float = 1.5
+    # Cap of the adaptive weight: once the reconstruction degrades its gradient grows, and an
+    # uncapped weight runs away.
+    max_weight: float = 0.1
+    # Steps in which only the discriminator learns (the decoder's term is off): it first
+    # learns what real plates look like, so its first gradients are not noise.
+    warmup_steps: int = 100
+    # DiffAugment (brightness, contrast, translation, cutout) on real and fake images before
+    # the discriminator: on small real sets it stops the discriminator memorizing them.
+    diff_augment: bool = True
+    # Latents each worker samples from the frozen prior (DDIM) as fakes: the decoder is then
+    # sharpened on what generation decodes, not only on reconstructions.
+    prior_bank: int = 4096
+    # Report a checkpoint every N steps (the last step always ends in the final checkpoint).
+    checkpoint_every: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"sharpen.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("prior_bank", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sharpen.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.disc_lr <= 0 or self.adv_weight < 0 or self.max_weight < 0:
+            raise ValueError("sharpen.lr and disc_lr must be > 0, adv_weight and max_weight >= 0")
+        self.disc_channels = [int(c) for c in self.disc_channels]
+        if not self.disc_channels or min(self.disc_channels) < 1:
+            raise ValueError(f"sharpen.disc_channels needs one or more widths >= 1, got {self.disc_channels}")
 
 
 @dataclass
@@ -57,9 +106,9 @@ class TrainConfig:
     preset: PresetName = "base"
     # Override of the preset's image size (power of two); channel stages are added/removed.
     image_size: int | None = None
-    # Overrides of other ModelConfig fields by name, e.g. {"detail_channels": 4} (YAML may give
-    # lists too: disc_channels: [32, 64, 128]); unknown names are an error listing the known ones.
-    model: dict[str, int | float | bool | str] = field(default_factory=dict)
+    # Overrides of other ModelConfig fields by name, e.g. {"z_dim": 96} (YAML may give lists too:
+    # decoder_widths: [0, 0, 128, 128, 64, 0]); unknown names are an error listing the known ones.
+    model: dict[str, int | float | bool | str | list[int]] = field(default_factory=dict)
     # Overrides of ModelConfig.loss_weights, e.g. {"kl": 0.002}; unknown names are an error.
     loss_weights: dict[str, float] = field(default_factory=dict)
     # An exported checkpoint (local or s3://) whose weights and tokenizer start a *new* run:
@@ -90,7 +139,8 @@ class TrainConfig:
     # or "last" (small real sets: a generator should fit its training drawings, and val loss on
     # unseen ones rises while it does, so "best_val" would keep a blurry early epoch).
     weights: Literal["best_val", "last"] = "best_val"
-    # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16" forces it on CPU too (AMX hosts).
+    # "auto": bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 on
+    # other CPUs, where emulated bf16 is slower than fp32; "bf16" / "fp32" force one.
     precision: Precision = "auto"
 
     # -- optimization (phase 2: latent prior) -------------------------------------------------
@@ -101,6 +151,11 @@ class TrainConfig:
     prior_batch_size: int = 256
     # Peak prior learning rate (cosine decay to 0 over the prior phase).
     prior_lr: float = 1e-3
+
+    # -- phase 3: decoder sharpening (pipeline/training/sharpen_phase.py) ---------------------
+
+    # Decoder-only adversarial fine-tuning after the prior; its fields are `--sharpen.NAME`.
+    sharpen: SharpenConfig = field(default_factory=lambda: SharpenConfig())
 
     # -- scale --------------------------------------------------------------------------------
 
@@ -139,11 +194,6 @@ class TrainConfig:
     # Resume even when the data, batch_size or num_workers differ from the run's start (they are
     # refused otherwise); the LR schedule keeps the total steps it started with.
     allow_changed_setup: bool = False
-    # Testing only: every worker raises after this epoch's report, on the first attempt only.
-    fail_after_epoch: int | None = None
-    # Testing only: every worker raises after this prior epoch's checkpoint, unless the attempt
-    # resumed from a phase-2 checkpoint.
-    fail_after_prior_epoch: int | None = None
 
     # -- metrics ------------------------------------------------------------------------------
 
@@ -180,11 +230,18 @@ class TrainConfig:
         self.loss_weights = {k: float(v) for k, v in dict(self.loss_weights).items()}
 
     def autocast(self, device: torch.device) -> bool:
-        """bf16 autocast on this device: "auto" = on CUDA only."""
-        return self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
+        """bf16 autocast on this device: "auto" = on CUDA, and on CPUs with native bf16."""
+        if self.precision != "auto":
+            return self.precision == "bf16"
+        return device.type == "cuda" or (device.type == "cpu" and native_cpu_bf16())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        sharpen = d.get("sharpen")
+        if isinstance(sharpen, dict):
+            d = {**d, "sharpen": from_fields(SharpenConfig, sharpen)}
+        elif sharpen is not None and not isinstance(sharpen, SharpenConfig):
+            raise ValueError(f"TrainConfig.sharpen must be a mapping of SharpenConfig fields, got {sharpen!r}")
         return from_fields(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,6 +249,13 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def native_cpu_bf16() -> bool:
+    """This CPU computes bf16 natively (AVX512-BF16 or AMX): bf16 autocast trains ~1.5x faster
+    there, while on CPUs without it (AVX2 only) it was 11x slower than fp32 (docs/quality.md)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")

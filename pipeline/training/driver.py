@@ -31,6 +31,7 @@ from pipeline import storage
 from pipeline.data.ingest import read_captions, read_dataset, read_options
 from pipeline.training.config import TrainConfig, TrainError, model_config, run_dir
 from pipeline.training.export import export_checkpoint
+from pipeline.training.faults import injected_failures
 from pipeline.training.resume import check_setup, choose, current_setup, run_checkpoints
 from pipeline.training.state import Restored
 from pipeline.training.worker import train_loop_per_worker
@@ -109,6 +110,11 @@ def build_datasets(
             preview["images"] = [to_uint8(r["image"]) for r in rows]
             preview["captions"] = [r["caption"] for r in rows]
         ds = ds.select_columns(["image", "tokens"])
+        if split == "train":
+            # Once, before caching: datasets are often stored in groups (OpenMoji by category),
+            # and batches drawn in file order through a local buffer would each hold one group;
+            # that non-iid stream kept the decoder from learning anything but a blob.
+            ds = ds.random_shuffle(seed=cfg.seed)
         if cap:
             ds = ds.limit(cap)
         if cfg.cache_data:
@@ -127,16 +133,17 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def run_training(cfg: TrainConfig) -> str:
+def run_training(cfg: TrainConfig, made_by: dict[str, str] | None = None) -> str:
     """Train (or resume) the run `<storage_path>/<name>`; returns the exported checkpoint URI.
     Every check that needs no cluster comes first, then Ray starts (or is joined, under
-    `ray job submit`) and the cluster's resources are checked."""
+    `ray job submit`) and the cluster's resources are checked. `made_by` (jobs.train's command
+    line and config file) is recorded in every checkpoint's config.json."""
     cfg = absolute_paths(cfg)
     check_inputs(cfg)
     export = storage.join(run_dir(cfg), "export")
     latest, kept = run_checkpoints(cfg)
     restored = choose(latest, lambda: kept, run_dir(cfg))
-    if restored is not None and restored.state.phase == "done":  # the run ended: nothing to train
+    if restored is not None and restored.state.finished(cfg):  # the run ended: nothing to train
         return export_checkpoint(restored.checkpoint, export)
     mc = model_config(cfg)
     setup = current_setup(cfg)
@@ -165,6 +172,8 @@ def run_training(cfg: TrainConfig) -> str:
         "setup": setup,
         "counts": counts,
         "preview": preview,
+        "fail_after": injected_failures(),  # tests only (pipeline/training/faults.py)
+        "made_by": made_by or {},
     }
     result = trainer(cfg, config, datasets).fit()
     return export_checkpoint(result.checkpoint, export)

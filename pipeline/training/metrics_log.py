@@ -53,8 +53,9 @@ class RunLogger:
     metrics.jsonl lives at `<run_dir>/metrics.jsonl` (local or s3://). It is rewritten whole
     on each `log` (an S3 object cannot be appended to; the file stays small: one line per
     `log_every` steps and per epoch), after reading back what earlier attempts of the run wrote
-    up to `resume_step` (the restored checkpoint's step) and, for phase-2 rows, up to
-    `resume_prior_step` (0 unless a phase-2 checkpoint was restored): rows of work lost in a
+    up to `resume_step` (the restored checkpoint's step), for phase-2 rows up to
+    `resume_prior_step` (0 unless a phase-2 checkpoint was restored; all once past phase 2) and
+    for phase-3 rows up to `resume_sharpen_step`: rows of work lost in a
     failure are dropped, since that work is done again.
     """
 
@@ -68,19 +69,21 @@ class RunLogger:
         local_dir: str,
         config: dict[str, Any],
         resume_step: int = 0,
-        resume_prior_step: int = 0,
+        resume_prior_step: float = 0,
+        resume_sharpen_step: int = 0,
     ) -> None:
         self.metrics_uri = storage.join(run_dir, "metrics.jsonl")
         self._lines: list[str] = []
         if storage.exists(self.metrics_uri):
             lines = storage.read_bytes(self.metrics_uri).decode().splitlines()
-            self._lines = [x for x in lines if _kept_on_resume(json.loads(x), resume_step, resume_prior_step)]
+            resumed = (resume_step, resume_prior_step, resume_sharpen_step)
+            self._lines = [x for x in lines if _kept_on_resume(json.loads(x), *resumed)]
         self.run = None
         resolved = resolve_wandb_mode(mode)
         if resolved != "disabled":
             self.run = _init_wandb(project, resolved, run_id, local_dir, config)
 
-    def log(self, metrics: dict[str, float], *, kind: Literal["step", "epoch", "prior"]) -> None:
+    def log(self, metrics: dict[str, float], *, kind: Literal["step", "epoch", "prior", "sharpen"]) -> None:
         """Send one row of scalars (must include `global_step`) to both sinks."""
         row = {"kind": kind, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
         self._lines.append(json.dumps(row))
@@ -136,12 +139,18 @@ def _init_wandb(project: str, mode: str, run_id: str, local_dir: str, config: di
     for prefix in ("train_epoch/*", "val/*", "perf/*", "samples/*"):
         run.define_metric(prefix, step_metric="epoch")
     run.define_metric("prior/*", step_metric="global_step")
+    run.define_metric("sharpen/step")
+    run.define_metric("sharpen/*", step_metric="sharpen/step")
     return run
 
 
-def _kept_on_resume(row: dict[str, Any], resume_step: int, resume_prior_step: int) -> bool:
-    if row["kind"] == "prior":  # step rows of phase 2 up to its checkpoint; its summary row is written again
+def _kept_on_resume(row: dict[str, Any], resume_step: int, resume_prior_step: float, resume_sharpen_step: int) -> bool:
+    """A row of work the restored checkpoint holds. A phase's rows up to its checkpoint's step;
+    its summary row (no step) is written again unless the checkpoint is past that phase."""
+    if row["kind"] == "prior":
         return row.get("prior/step", math.inf) <= resume_prior_step
+    if row["kind"] == "sharpen":
+        return row.get("sharpen/step", math.inf) <= resume_sharpen_step
     return row.get("global_step", 0) <= resume_step
 
 

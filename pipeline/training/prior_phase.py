@@ -29,8 +29,17 @@ import torch.distributed as dist
 from model.checkpoint import CheckpointError
 from model.networks import JointModel
 from pipeline.training.distributed import all_gather_rows, is_distributed
+from pipeline.training.faults import maybe_fail
 from pipeline.training.metrics_log import RunLogger
-from pipeline.training.state import CheckpointParts, Restored, TrainState, read_checkpoint, report, uri_of
+from pipeline.training.state import (
+    CheckpointParts,
+    Phase,
+    Restored,
+    TrainState,
+    read_checkpoint,
+    report,
+    uri_of,
+)
 
 
 def load_best_weights(model: JointModel, state: TrainState, rank: int) -> None:
@@ -57,15 +66,14 @@ def load_best_weights(model: JointModel, state: TrainState, rank: int) -> None:
 def posterior_means(
     model: JointModel, shard: ray.data.DataIterator, batch_size: int, device: torch.device, amp: bool
 ) -> torch.Tensor:
-    """The prior's training latents (n, latent_dim) of this worker's shard: joint posterior
-    means of z, then the detail latent's means if the model has one (JointModel.prior_latents)."""
+    """The prior's training latents (n, z_dim) of this worker's shard: joint posterior means."""
     model.eval()
     mus = []
     for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            mus.append(model.prior_latents(batch["image"], batch["tokens"]).float())
+            mus.append(model.posterior(batch["image"], batch["tokens"])[0].float())
     model.train()
-    return torch.cat(mus) if mus else torch.zeros((0, model.latent_dim), device=device)
+    return torch.cat(mus) if mus else torch.zeros((0, model.config.z_dim), device=device)
 
 
 def prior_step(model: JointModel, batch: torch.Tensor, opt, sched, grad_clip: float, world: int) -> torch.Tensor:
@@ -84,16 +92,15 @@ def prior_step(model: JointModel, batch: torch.Tensor, opt, sched, grad_clip: fl
     return loss
 
 
-def report_prior_epoch(parts: CheckpointParts, rank: int, loss: float, inject_failure: bool) -> None:
+def report_prior_epoch(parts: CheckpointParts, rank: int, loss: float, failures: dict[str, int], resumed_phase: Phase | None
+) -> None:
     """Checkpoint the prior phase after its epoch `parts.state.prior_epoch` (a resume continues
-    there); then raise the test's injected failure if this is its epoch (TrainConfig.fail_after_prior_epoch)."""
+    there); then raise a test's injected failure if this is its epoch (pipeline/training/faults.py)."""
     state, epoch = parts.state, parts.state.prior_epoch
     metrics = {"epoch": state.epoch, "global_step": state.global_step, "val_loss": state.val_loss,
                "prior_epoch": epoch, "prior_step": state.prior_step, "prior/loss": loss}
     report(metrics, rank, parts, dir_name=f"prior-{epoch:04d}")
-    if inject_failure and parts.cfg.fail_after_prior_epoch == epoch:
-        ray.train.get_all_reported_checkpoints()  # the epoch's checkpoint is registered first
-        raise RuntimeError(f"injected failure after prior epoch {epoch} (TrainConfig.fail_after_prior_epoch)")
+    maybe_fail(failures, "prior_epoch", epoch, resumed_phase)
 
 
 def fit_prior(
@@ -106,6 +113,7 @@ def fit_prior(
     world: int,
     log: RunLogger | None,
     restored: Restored | None,
+    failures: dict[str, int],
 ) -> dict[str, float]:
     """Fit the latent prior on all training posterior means, data parallel over the workers,
     checkpointing as it goes; resumes a phase-2 checkpoint (`restored` in phase "prior")."""
@@ -143,7 +151,7 @@ def fit_prior(
         state.prior_epoch = epoch
         every = cfg.prior_checkpoint_every
         if every and epoch % every == 0 and epoch < cfg.prior_epochs:  # the last one is the final checkpoint
-            report_prior_epoch(parts, rank, float(np.mean(epoch_losses)), inject_failure=not resumed)
+            report_prior_epoch(parts, rank, float(np.mean(epoch_losses)), failures, "prior" if resumed else None)
     prior.requires_grad_(False)
     return {
         "prior/loss": float(np.mean(epoch_losses)) if epoch_losses else math.nan,

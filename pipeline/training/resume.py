@@ -36,10 +36,11 @@ SETUP_KEYS = ("data_digest", "batch_size", "num_workers")
 Reported = Sequence[tuple[ray.train.Checkpoint, dict[str, Any]]]
 
 
-def progress(metrics: dict[str, Any]) -> tuple[int, float]:
-    """How far into the run a checkpoint's reported metrics are: (phase-1 steps, phase-2 steps).
-    Checkpoints from before phase 2 was checkpointed report its total as `prior/steps`."""
-    return int(metrics.get("global_step", 0)), float(metrics.get("prior_step", metrics.get("prior/steps", 0)))
+def progress(metrics: dict[str, Any]) -> tuple[int, float, int]:
+    """How far into the run a checkpoint's reported metrics are: (phase-1, phase-2, phase-3
+    steps). Checkpoints from before phase 2 was checkpointed report its total as `prior/steps`."""
+    prior = float(metrics.get("prior_step", metrics.get("prior/steps", 0)))
+    return int(metrics.get("global_step", 0)), prior, int(metrics.get("sharpen_step", 0))
 
 
 def run_checkpoints(cfg: TrainConfig) -> tuple[ray.train.Checkpoint | None, Reported]:

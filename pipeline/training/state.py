@@ -4,6 +4,8 @@ Checkpoint directory, one per `ray.train.report`:
     model/                        save_checkpoint(...) output: weights, config, tokenizer (exportable)
     optimizer.safetensors         AdamW state through model.checkpoint.save_state (the one optimizer serialiser)
     prior_optimizer.safetensors   phase 2 only: the prior's AdamW state
+    discriminator.safetensors     from phase 3 on: the sharpening phase's PatchGAN (never exported)
+    sharpen_optimizer.safetensors from phase 3 on: the decoder's and the discriminator's Adam states
     train_state.json              TrainState, the LR scheduler state (and the prior's in phase 2)
     sha256.json                   written last: the sha256 of train_state.json, the optimizer files
                                   and model/config.json (whose own hashes cover the weights and
@@ -49,7 +51,9 @@ from pipeline.training.config import TrainConfig, run_dir
 
 MODEL_DIR, OPTIMIZER, TRAIN_STATE = "model", "optimizer.safetensors", "train_state.json"
 PRIOR_OPTIMIZER, MANIFEST = "prior_optimizer.safetensors", "sha256.json"
-Phase = Literal["autoencoder", "prior", "done"]
+DISCRIMINATOR, SHARPEN_OPTIMIZER = "discriminator.safetensors", "sharpen_optimizer.safetensors"
+Phase = Literal["autoencoder", "prior", "sharpen", "done"]
+PHASES: tuple[Phase, ...] = ("autoencoder", "prior", "sharpen", "done")  # the order a run goes through
 
 
 @dataclass
@@ -66,6 +70,7 @@ class TrainState:
     phase: Phase = "autoencoder"
     prior_epoch: int = 0  # phase-2 epochs completed
     prior_step: int = 0  # phase-2 optimizer steps done
+    sharpen_step: int = 0  # phase-3 optimizer steps done
     # The run's start, kept on resume: data digest, batch_size, num_workers (a resume with others
     # is refused unless allowed), steps_per_epoch and total_steps (the LR schedule's length).
     setup: dict[str, Any] = field(default_factory=dict)
@@ -78,10 +83,34 @@ class TrainState:
             self.bad_epochs += 1
         self.stopped_early = patience > 0 and self.bad_epochs >= patience
 
+    def finished(self, cfg: TrainConfig) -> bool:
+        """Every phase of `cfg` is done (a finished run given more sharpen steps is not)."""
+        return self.phase == "done" and self.sharpen_step >= cfg.sharpen.steps
+
     def epochs_left(self, epochs: int) -> range:
         if self.phase != "autoencoder":
             return range(0)
         return range(self.epoch + 1, (self.epoch if self.stopped_early else epochs) + 1)
+
+
+@dataclass
+class SharpenParts:
+    """Phase 3's training-only state: the discriminator and both Adam optimizers."""
+
+    discriminator: torch.nn.Module
+    decoder_optimizer: torch.optim.Optimizer
+    disc_optimizer: torch.optim.Optimizer
+
+    def write(self, path: str) -> list[str]:
+        """The phase's two files in checkpoint folder `path`; returns their names."""
+        save_state(os.path.join(path, DISCRIMINATOR), self.discriminator.state_dict())
+        tensors, meta = {}, {}
+        for name, opt in (("decoder", self.decoder_optimizer), ("disc", self.disc_optimizer)):
+            t, m = optimizer_state_to_tensors(opt.state_dict())
+            tensors.update({f"{name}.{k}": v for k, v in t.items()})
+            meta[name] = m
+        save_state(os.path.join(path, SHARPEN_OPTIMIZER), tensors, meta)
+        return [DISCRIMINATOR, SHARPEN_OPTIMIZER]
 
 
 @dataclass
@@ -97,12 +126,15 @@ class CheckpointParts:
     cfg: TrainConfig
     prior_optimizer: torch.optim.Optimizer | None = None
     prior_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    sharpen: SharpenParts | None = None
+    # jobs.train's command line and config file text (recorded in config.json's extra)
+    made_by: dict[str, str] = field(default_factory=dict)
 
     def write(self, path: str) -> None:
         """The checkpoint directory described in the module docstring (sha256.json last)."""
         state, cfg = self.state, self.cfg
-        extra = {"run": cfg.name, "epoch": state.epoch, "val_loss": state.val_loss,
-                 "phase": state.phase, "train_config": cfg.to_dict()}
+        extra = {"run": cfg.name, "epoch": state.epoch, "val_loss": state.val_loss, "phase": state.phase,
+                 "sharpen_step": state.sharpen_step, "train_config": cfg.to_dict(), **self.made_by}
         save_checkpoint(os.path.join(path, MODEL_DIR), self.model, self.tokenizer, extra=extra)
         save_state(os.path.join(path, OPTIMIZER), *optimizer_state_to_tensors(self.optimizer.state_dict()))
         meta: dict[str, Any] = {"state": dataclasses.asdict(state), "scheduler": self.scheduler.state_dict()}
@@ -112,6 +144,8 @@ class CheckpointParts:
             meta["prior_scheduler"] = self.prior_scheduler.state_dict()
         atomic_write(os.path.join(path, TRAIN_STATE), json.dumps(meta, indent=2).encode())
         covered = [OPTIMIZER, TRAIN_STATE, f"{MODEL_DIR}/{CONFIG}"] + [PRIOR_OPTIMIZER] * ("prior_scheduler" in meta)
+        if self.sharpen is not None:  # phase 3 and after it (a finished run may sharpen on)
+            covered += self.sharpen.write(path)
         hashes = {name: sha256_file(os.path.join(path, name)) for name in covered}
         atomic_write(os.path.join(path, MANIFEST), json.dumps({"sha256": hashes}, indent=2).encode())
 
@@ -160,6 +194,8 @@ class Restored:
     scheduler: dict[str, Any]
     prior_optimizer: dict[str, Any] | None = None
     prior_scheduler: dict[str, Any] | None = None
+    # Phase 3: {"discriminator": state dict, "decoder": optimizer state, "disc": optimizer state}
+    sharpen: dict[str, Any] | None = None
 
 
 def uri_of(checkpoint: ray.train.Checkpoint) -> str:
@@ -192,7 +228,23 @@ def _read_dir(d: str, checkpoint: ray.train.Checkpoint) -> Restored:
     if "prior_scheduler" in meta:
         restored.prior_optimizer = _optimizer(d, PRIOR_OPTIMIZER, {})
         restored.prior_scheduler = meta["prior_scheduler"]
+    if os.path.exists(os.path.join(d, DISCRIMINATOR)):
+        restored.sharpen = _sharpen_state(d)
     return restored
+
+
+def _sharpen_state(d: str) -> dict[str, Any]:
+    """Phase 3's discriminator weights and both optimizer states (SharpenParts.write)."""
+    disc, _ = load_state(os.path.join(d, DISCRIMINATOR))
+    tensors, meta = load_state(os.path.join(d, SHARPEN_OPTIMIZER))
+    out: dict[str, Any] = {"discriminator": disc}
+    for name in ("decoder", "disc"):
+        if name not in meta:
+            raise CheckpointError(os.path.join(d, SHARPEN_OPTIMIZER), f"holds no {name} optimizer state")
+        prefix = f"{name}."
+        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        out[name] = optimizer_state_from_tensors(own, meta[name])
+    return out
 
 
 def _json(path: str) -> dict[str, Any]:
@@ -243,7 +295,7 @@ def legacy_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any
 
 
 def read_phase(checkpoint: ray.train.Checkpoint) -> str:
-    """"autoencoder" in phase 1, "prior" in phase 2, "done" once the prior is fitted."""
+    """"autoencoder" in phase 1, "prior" in phase 2, "sharpen" in phase 3, "done" at the end."""
     path = f"{checkpoint.path}/{TRAIN_STATE}"
     try:
         with checkpoint.filesystem.open_input_stream(path) as f:

@@ -1,10 +1,12 @@
-"""The Ray Train worker: one DDP rank runs phase 1 (the autoencoder) then phase 2 (the prior).
+"""The Ray Train worker: one DDP rank runs phase 1 (the autoencoder), phase 2 (the prior), then
+phase 3 (decoder sharpening, when `sharpen.steps` > 0).
 
 Phase 1: DDP over the workers' shards of the train set, AdamW with linear warmup then cosine
 decay, gradient clipping, bf16 autocast on CUDA (or when asked); validation every epoch (each
 worker scores its val shard, the sums are all-reduced); early stopping on val loss; a checkpoint
 every `checkpoint_every` epochs through `ray.train.report`, the best kept by val loss. Rank 0
-alone logs (pipeline/training/metrics_log.py). Phase 2 is pipeline/training/prior_phase.py.
+alone logs (pipeline/training/metrics_log.py). Phase 2 is pipeline/training/prior_phase.py,
+phase 3 pipeline/training/sharpen_phase.py (after the prior: it decodes the prior's samples).
 
 Resume: Ray Train V2 hands the latest checkpoint to the workers, both after a worker failure
 (FailureConfig.max_failures) and when the same command is run again; a corrupt one falls back
@@ -32,16 +34,19 @@ from model.sampling import caption as caption_images
 from model.sampling import generate, illustrate
 from model.tokenizer import CaptionTokenizer
 from pipeline import storage
-from pipeline.training.config import TrainConfig, run_dir
+from pipeline.training.config import SHUFFLE_BATCHES, TrainConfig, run_dir
 from pipeline.training.distributed import all_gather_counts, all_reduce_means
+from pipeline.training.faults import maybe_fail
 from pipeline.training.metrics_log import RunLogger, wandb_dir, wandb_run_id
 from pipeline.training.prior_phase import fit_prior, load_best_weights
 from pipeline.training.resume import choose
-from pipeline.training.state import CheckpointParts, TrainState, report
+from pipeline.training.sharpen_phase import sharpen_decoder
+from pipeline.training.state import CheckpointParts, Restored, TrainState, report
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One DDP rank: phase 1 (autoencoder, early stopping, checkpoints), phase 2 (prior)."""
+    """One DDP rank: phase 1 (autoencoder, early stopping, checkpoints), phase 2 (prior), phase 3
+    (decoder sharpening); each checkpointed and resumed mid-phase."""
     # 1. Unpack the config; same init on every rank (DDP also broadcasts rank 0's weights).
     cfg = TrainConfig.from_dict(config["train"])
     tokenizer = CaptionTokenizer.from_json(config["tokenizer"])
@@ -51,54 +56,71 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     amp = cfg.autocast(device)
-    torch.manual_seed(cfg.seed)
-    model = JointModel(ModelConfig.from_dict(config["model"]), tokenizer.vocab_size)
-
-    # 2. Resume from the latest usable checkpoint (failure retry or the same run started again),
-    #    or start a new run from an exported checkpoint (init_from).
-    resumed = ray.train.get_checkpoint()
-    restored = choose(resumed, _reported, run_dir(cfg), say=_say if rank == 0 else _quiet) if resumed else None
+    # 2. Resume from the latest usable checkpoint, or start (maybe from init_from).
+    model, restored = build_model(cfg, config, tokenizer, rank)
     state = restored.state if restored else TrainState()
-    if restored:
-        model.load_state_dict(restored.weights)
-    elif cfg.init_from:
-        model.load_state_dict(storage.open_checkpoint(cfg.init_from).model.state_dict())
-    if state.phase == "done":
+    if state.finished(cfg):
         return
+    resumed_phase = state.phase if restored else None  # which injected failures (faults.py) still fire
     model.prior.requires_grad_(False)  # trained in phase 2; DDP must not wait for its grads
     ddp = ray.train.torch.prepare_model(model)
     optimizer, scheduler = make_optimizer(model, cfg, schedule_steps(state, cfg, config))
     if restored:
         optimizer.load_state_dict(restored.optimizer)
         scheduler.load_state_dict(restored.scheduler)
-    parts = CheckpointParts(model, tokenizer, optimizer, scheduler, state, cfg)
+    parts = CheckpointParts(model, tokenizer, optimizer, scheduler, state, cfg, made_by=config.get("made_by", {}))
     log = make_logger(cfg, config, state) if rank == 0 else None
     shards = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    failures = config.get("fail_after", {})
     try:
         # 3. Phase 1: autoencoder epochs, with validation, early stopping and checkpoints.
         for epoch in state.epochs_left(cfg.epochs):
             torch.manual_seed(cfg.seed * 100_003 + epoch * world + rank)  # resume replays the same draws
             run_epoch(ddp, model, optimizer, scheduler, shards, parts, config, epoch, log)
-            if cfg.fail_after_epoch == epoch and resumed is None:
-                ray.train.get_all_reported_checkpoints()  # the epoch's checkpoint is registered first
-                raise RuntimeError(f"injected failure after epoch {epoch} (TrainConfig.fail_after_epoch)")
+            maybe_fail(failures, "epoch", epoch, resumed_phase)
             if state.stopped_early:  # patience ran out: on to the prior, from the best weights
                 break
 
         # 4. Phase 2: the latent prior, from the best autoencoder weights reported so far
         #    (or the last ones: TrainConfig.weights); a phase-2 checkpoint resumes it.
-        if cfg.weights == "best_val" and state.phase == "autoencoder":
-            load_best_weights(model, state, rank)
-        prior_m = fit_prior(model, shards[0], parts, device, amp, rank, world, log, restored)
+        final: dict[str, Any] = {"epoch": state.epoch, "global_step": state.global_step, "val_loss": state.val_loss}
+        if state.phase in ("autoencoder", "prior"):
+            if cfg.weights == "best_val" and state.phase == "autoencoder":
+                load_best_weights(model, state, rank)
+            final.update(fit_prior(model, shards[0], parts, device, amp, rank, world, log, restored, failures))
+            if log:
+                log.log(final, kind="prior")  # the phase's summary row
+
+        # 5. Phase 3: decoder sharpening on the frozen latent (pipeline/training/sharpen_phase.py).
+        if state.sharpen_step < cfg.sharpen.steps:
+            final.update(sharpen_decoder(model, shards[0], parts, device, amp, log, restored, failures, resumed_phase))
+            if log:
+                log.log(final, kind="sharpen")
         state.phase = "done"
-        final = {"epoch": state.epoch, "global_step": state.global_step, "val_loss": state.val_loss, **prior_m}
+        final.update(prior_epoch=state.prior_epoch, prior_step=state.prior_step, sharpen_step=state.sharpen_step)
         if log:
-            log.log(final, kind="prior")
             log_samples(log, model, tokenizer, config["preview"], cfg.log_samples, state.epoch + 1)
-        report(final, rank, parts, dir_name="final")
+        report(final, rank, parts, dir_name="final")  # "final-2" when a finished run sharpens on
     finally:
         if log:
             log.finish()
+
+
+def build_model(
+    cfg: TrainConfig, config: dict[str, Any], tokenizer: CaptionTokenizer, rank: int
+) -> tuple[JointModel, Restored | None]:
+    """The model with the same init on every rank (DDP also broadcasts rank 0's weights), loaded
+    from the latest usable checkpoint (a failure retry or the same run started again), or from an
+    exported checkpoint when a new run starts from one (init_from)."""
+    torch.manual_seed(cfg.seed)
+    model = JointModel(ModelConfig.from_dict(config["model"]), tokenizer.vocab_size)
+    resumed = ray.train.get_checkpoint()
+    restored = choose(resumed, _reported, run_dir(cfg), say=_say if rank == 0 else _quiet) if resumed else None
+    if restored:
+        model.load_state_dict(restored.weights)
+    elif cfg.init_from:
+        model.load_state_dict(storage.open_checkpoint(cfg.init_from).model.state_dict())
+    return model, restored
 
 
 def run_epoch(
@@ -189,7 +211,7 @@ def train_epoch(
     n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
     batches = shard.iter_torch_batches(
         batch_size=cfg.batch_size, drop_last=True, device=device,
-        local_shuffle_buffer_size=8 * cfg.batch_size, local_shuffle_seed=cfg.seed * 1000 + epoch,
+        local_shuffle_buffer_size=SHUFFLE_BATCHES * cfg.batch_size, local_shuffle_seed=cfg.seed * 1000 + epoch,
     )
     ddp.train()
     for batch in batches:
@@ -307,7 +329,8 @@ def make_logger(cfg: TrainConfig, config: dict[str, Any], state: TrainState) -> 
         run_id=wandb_run_id(cfg.storage_path, cfg.name),
         local_dir=wandb_dir(cfg.storage_path, cfg.name),
         resume_step=state.global_step,
-        resume_prior_step=state.prior_step if state.phase == "prior" else 0,
+        resume_prior_step={"autoencoder": 0, "prior": state.prior_step}.get(state.phase, math.inf),
+        resume_sharpen_step=state.sharpen_step,
         config={"train": config["train"], "model": config["model"], "counts": config["counts"]},
     )
 

@@ -85,6 +85,7 @@ def test_the_endpoints_have_their_names(client):
     assert {"/generate", "/caption", "/illustrate", "/interpolate", "/browse"} <= named
 
 
+@pytest.mark.slow  # the demo's sampling endpoints against jobs.sample (test_sample checks jobs.sample against the manifest)
 def test_generate_equals_jobs_sample_and_the_manifest(client, run_sample, default_run, tmp_path):
     gallery, table = client.predict(4, 3, api_name="/generate")
     expected = run_sample("--seed", "4", "--seed", "5", "--seed", "6", "--out", str(tmp_path))["samples"]
@@ -105,6 +106,7 @@ def test_caption_equals_jobs_sample(client, run_sample, tmp_path):
         run_sample("--caption-image", str(path))["samples"][0]["caption"]  # fmt: skip
 
 
+@pytest.mark.slow  # the demo's sampling endpoints against jobs.sample (test_sample checks jobs.sample against the manifest)
 def test_illustrate_equals_jobs_sample(client, run_sample, tmp_path):
     text = "a print of a lighthouse on the coast, on the right, under the sun, by day"
     gallery, table = client.predict(text, 11, 2, api_name="/illustrate")
@@ -113,6 +115,7 @@ def test_illustrate_equals_jobs_sample(client, run_sample, tmp_path):
     assert [r[:3] for r in table["data"]] == [[s["seed"], round(s["alignment"], 4), text] for s in expected]
 
 
+@pytest.mark.slow  # the demo's sampling endpoints against jobs.sample (test_sample checks jobs.sample against the manifest)
 def test_interpolate_equals_jobs_sample(client, run_sample, tmp_path):
     strip, table = client.predict(2, 7, 4, api_name="/interpolate")
     expected = run_sample("--interpolate", "2", "7", "--steps", "4", "--out", str(tmp_path))
@@ -182,6 +185,7 @@ def browser_paths() -> tuple[str, str] | None:
     return (chromium, driver) if chromium and driver else None
 
 
+@pytest.mark.slow  # a real browser (chromium) on the demo
 def test_a_real_browser_generates_seed_0(demo, run_sample, tmp_path):
     paths = browser_paths()
     if paths is None:

@@ -70,6 +70,7 @@ def some_data(tmp_path: Path) -> Path:
 
 
 # -- jobs.train ---------------------------------------------------------------------------------
+@pytest.mark.slow  # a job subprocess (tests/pipeline/training checks the same error in-process)
 def test_train_missing_data(tmp_path: Path) -> None:
     lines = run_job("train", "--data", str(tmp_path / "nowhere"), "--storage-path", str(tmp_path / "runs"))
     assert lines[-1] == f"error: data URI '{tmp_path / 'nowhere'}' does not exist (make one with `python -m jobs.prepare_data`)"
@@ -81,6 +82,7 @@ def test_train_bad_run_name(tmp_path: Path) -> None:
                          "and '-': choose a plain folder name such as base-v1")  # fmt: skip
 
 
+@pytest.mark.slow  # a job subprocess with an injected fault
 def test_train_disk_full(tmp_path: Path, some_data: Path) -> None:
     full = tmp_path / "full"
     lines = run_job("train", "--data", str(some_data), "--storage-path", str(full / "runs"), full_disk=full)
@@ -88,18 +90,21 @@ def test_train_disk_full(tmp_path: Path, some_data: Path) -> None:
                          "device: free space there or choose another output")  # fmt: skip
 
 
+@pytest.mark.slow  # a job subprocess with an injected fault
 def test_train_permission_denied(read_only: Path, some_data: Path) -> None:
     lines = run_job("train", "--data", str(some_data), "--storage-path", str(read_only / "runs"), unprivileged=True)
     assert lines[-1] == (f"error: storage path: output '{read_only / 'runs'}' is not writable: permission "
                          "denied: fix the permissions or choose another output")  # fmt: skip
 
 
+@pytest.mark.slow  # a job subprocess with an injected fault
 def test_train_missing_s3_bucket(s3_server, some_data: Path) -> None:
     lines = run_job("train", "--data", str(some_data), "--storage-path", "s3://inkseed-no-such-bucket/runs")
     assert lines[-1].startswith("error: storage path: output 's3://inkseed-no-such-bucket/runs' is not writable: ")
     assert lines[-1].endswith("(check the bucket, your AWS credentials and AWS_ENDPOINT_URL)")
 
 
+@pytest.mark.slow  # a job subprocess with an injected fault
 def test_train_corrupt_run_record(tmp_path: Path, some_data: Path) -> None:
     snapshot = tmp_path / "runs" / "r1" / "checkpoint_manager_snapshot.json"
     snapshot.parent.mkdir(parents=True)
@@ -110,6 +115,7 @@ def test_train_corrupt_run_record(tmp_path: Path, some_data: Path) -> None:
 
 
 # -- jobs.prepare_data --------------------------------------------------------------------------
+@pytest.mark.slow  # a job subprocess with an injected fault
 def test_prepare_data_disk_full(tmp_path: Path) -> None:
     full = tmp_path / "full"
     lines = run_job("prepare_data", "--out", str(full / "data"), "--count", "4", "--size", "64", full_disk=full)
@@ -117,12 +123,14 @@ def test_prepare_data_disk_full(tmp_path: Path) -> None:
                          "space there or choose another output")  # fmt: skip
 
 
+@pytest.mark.slow  # a job subprocess with an injected fault
 def test_prepare_data_permission_denied(read_only: Path) -> None:
     lines = run_job("prepare_data", "--out", str(read_only / "data"), "--count", "4", unprivileged=True)
     assert lines[-1] == (f"error: output '{read_only / 'data'}' is not writable: permission denied: fix the "
                          "permissions or choose another output")  # fmt: skip
 
 
+@pytest.mark.slow  # a job subprocess with an injected fault
 def test_prepare_data_missing_s3_bucket(s3_server) -> None:
     lines = run_job("prepare_data", "--out", "s3://inkseed-no-such-bucket/data", "--count", "4")
     assert lines[-1].startswith("error: output 's3://inkseed-no-such-bucket/data' is not writable: ")
@@ -130,6 +138,7 @@ def test_prepare_data_missing_s3_bucket(s3_server) -> None:
 
 
 # -- jobs.evaluate ------------------------------------------------------------------------------
+@pytest.mark.slow  # a job subprocess with an injected fault
 def test_evaluate_corrupt_checkpoint(checkpoint: Path, tmp_path: Path, some_data: Path) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -140,6 +149,7 @@ def test_evaluate_corrupt_checkpoint(checkpoint: Path, tmp_path: Path, some_data
     assert lines[-1].startswith(f"error: {bad}/model.safetensors: truncated or corrupt safetensors file (")
 
 
+@pytest.mark.slow  # a job subprocess with an injected fault
 def test_evaluate_missing_s3_bucket(s3_server, tmp_path: Path, some_data: Path) -> None:
     uri = "s3://inkseed-no-such-bucket/ckpt"
     lines = run_job("evaluate", "--checkpoint", uri, "--data", str(some_data), "--out", str(tmp_path / "eval"))
@@ -165,12 +175,14 @@ def test_export_corrupt_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
     assert lines[-1].endswith("restore it, or re-export the checkpoint")
 
 
+@pytest.mark.slow  # a job subprocess with an injected fault
 def test_export_permission_denied(checkpoint: Path, read_only: Path) -> None:
     out = read_only / "onnx"
     lines = run_job("export", "--checkpoint", str(checkpoint), "--out", str(out), unprivileged=True)
     assert lines[-1] == f"error: {out}: permission denied: fix the permissions or choose another output"
 
 
+@pytest.mark.slow  # a job subprocess with --debug
 def test_debug_shows_the_traceback_instead(checkpoint: Path, tmp_path: Path) -> None:
     bad = edited(checkpoint, tmp_path)
     done = subprocess.run([sys.executable, "-m", "jobs.export", "--checkpoint", str(bad), "--debug"], cwd=REPO,

@@ -1,6 +1,6 @@
-"""jobs.export --format onnx on the tiny model, with and without the optional detail latent and
-noise maps: the job's own 64-seed parity check, the exported sampler against generate() in other
-batch sizes, and that sampler running in a fresh Python where torch cannot be imported."""
+"""jobs.export --format onnx on the tiny model: the job's own 64-seed parity check, the exported
+sampler against generate() in other batch sizes, and that sampler running in a fresh Python where
+torch cannot be imported."""
 
 from __future__ import annotations
 
@@ -27,15 +27,14 @@ CAPTIONS = [
     "a lighthouse on the right: under the sun, at dusk", "a cottage in the town (in the center)",
 ]  # fmt: skip
 GRAPHS = {"prior_denoiser", "image_decoder", "caption_start", "caption_step", "image_encoder", "caption_encoder"}
-OPTIONAL = {"plain": {}, "detail-noise": {"detail_channels": 2, "noise_maps": True}}
 
 
-@pytest.fixture(scope="module", params=list(OPTIONAL), ids=list(OPTIONAL))
-def exported(request, tmp_path_factory, one_torch_thread):
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, one_torch_thread):
     """A scrambled tiny model saved as a checkpoint and exported by the job (in this process):
     (model, tokenizer, export folder, the job's result, what it printed)."""
-    model, tok = scrambled_tiny(CAPTIONS, **OPTIONAL[request.param])
-    root = tmp_path_factory.mktemp(f"export-{request.param}")
+    model, tok = scrambled_tiny(CAPTIONS)
+    root = tmp_path_factory.mktemp("export")
     save_checkpoint(root / "checkpoint", model, tok)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -46,7 +45,7 @@ def exported(request, tmp_path_factory, one_torch_thread):
 
 
 def test_the_export_checks_its_parity_on_64_seeds_and_prints_it(exported) -> None:
-    model, _, out, meta, printed = exported
+    _, _, out, meta, printed = exported
     parity = meta["parity"]
     print(printed)  # the measured numbers, in pytest -s / the report
     assert parity["seeds"] == 64 and parity["captions_equal"] == 64, parity
@@ -54,10 +53,9 @@ def test_the_export_checks_its_parity_on_64_seeds_and_prints_it(exported) -> Non
     assert "ONNX parity on 64 seeds" in printed and printed.count(": OK") == 1
     assert json.loads((out / META).read_text())["parity"] == parity
     assert set(meta["graphs"]) == GRAPHS and all((out / f"{g}.onnx").is_file() for g in GRAPHS)
-    # The decoder takes exactly the optional inputs this model has; the discriminator is not exported.
+    # The decoder takes z alone: a seed's noise is z_dim numbers, all of them the prior's x_T.
     decoder_inputs = [i.name for i in ort.InferenceSession(str(out / "image_decoder.onnx")).get_inputs()]
-    assert decoder_inputs == ["z"] + ["detail"] * bool(model.config.detail_channels) + ["noise"] * model.config.noise_maps
-    assert not any("disc" in f.name for f in out.iterdir())
+    assert decoder_inputs == ["z"]
 
 
 def test_the_sampler_matches_generate_in_other_batch_sizes(exported) -> None:
@@ -74,7 +72,6 @@ def test_the_sampler_matches_generate_in_other_batch_sizes(exported) -> None:
         np.testing.assert_allclose(got.alignment, ref.alignment, atol=2e-3)
 
 
-@pytest.mark.parametrize("exported", ["detail-noise"], indirect=True)  # one subprocess is enough
 def test_the_exported_sampler_runs_without_torch(exported) -> None:
     _, _, out, _, _ = exported
     code = (
@@ -87,6 +84,26 @@ def test_the_exported_sampler_runs_without_torch(exported) -> None:
     ref = OnnxSampler(out, threads=1).generate([3, 17])
     assert [line.split("\t")[2] for line in result.stdout.splitlines()] == ref.captions
     assert sorted(p.name for p in (out / "png").iterdir()) == ["17.png", "3.png"]
+
+
+def test_the_sampler_refuses_an_export_whose_decoder_takes_more_than_z(exported, tmp_path) -> None:
+    """An older export (its decoder also took a noise input) is named, not sampled wrongly."""
+    import shutil
+
+    import torch
+
+    from model.onnx_export import _export_graph, _Graph
+
+    class TwoInputs(torch.nn.Module):
+        def forward(self, z: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+            return z[:, :1, None] * noise[:, None, :1]
+
+    old = tmp_path / "old"
+    shutil.copytree(exported[2], old)
+    _export_graph(_Graph(TwoInputs(), (torch.zeros(2, 4), torch.zeros(2, 3)), ["z", "noise"], ["image"]),
+                  old / "image_decoder.onnx", 17)  # fmt: skip
+    with pytest.raises(ValueError, match=r"its image decoder takes \['z', 'noise'\], this sampler feeds z alone"):
+        OnnxSampler(old, threads=1)
 
 
 def test_bad_flags_and_checkpoints_are_named(tmp_path) -> None:

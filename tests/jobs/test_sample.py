@@ -42,6 +42,7 @@ def test_seeds_equal_their_generation_manifest_rows(default_run, run_sample, tmp
         assert (s["width"], s["height"]) == (row["width"], row["height"]) == (128, 128)
 
 
+@pytest.mark.slow  # the real command in a subprocess (jobs.sample's main runs in-process in the other tests)
 def test_text_output_and_the_command_line(default_run, tmp_path):
     """The real command, text output: one line per seed with its alignment and PNG, then its caption."""
     _, rows = default_run
@@ -121,6 +122,7 @@ def test_bad_flags_and_files_are_named(argv, message):
         sample.main(cfg)
 
 
+@pytest.mark.slow  # the real command in a subprocess (jobs.sample's main runs in-process in the other tests)
 def test_the_error_exit_of_the_command(tmp_path):
     done = subprocess.run([sys.executable, "-m", "jobs.sample", "--caption-image", str(tmp_path / "x.png")],
                           cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from model.checkpoint import save_checkpoint
 from pipeline.generation.config import GenerateConfig
 from pipeline.generation.run import run_generation
@@ -22,6 +24,7 @@ def verify_cli(out: Path, env: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
+@pytest.mark.slow  # a generation run, then the job's command twice (subprocesses joining Ray)
 def test_verify_job_reports_and_exits_by_the_result(ray_local, tmp_path):
     ckpt = tmp_path / "ckpt"
     save_checkpoint(ckpt, *scrambled_tiny(["an engraving of a tower", "a print of a ship at sea"], seed=0))

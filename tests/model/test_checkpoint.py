@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from model import sampling
 from model.checkpoint import (
     FORMAT_VERSION,
     LEGACY_FORMAT,
@@ -70,8 +71,6 @@ def test_roundtrip_same_outputs(saved):
     ck.model.caption_decoder.embed.weight.data[5, 0] += 1  # tying survives loading
     assert ck.model.caption_decoder.lm_head.weight[5, 0] == ck.model.caption_decoder.embed.weight[5, 0]
     ck = load_checkpoint(path)
-    from model import sampling
-
     a = sampling.generate(model, tok, [1, 2, 3], steps=5)
     b = ck.generate([1, 2, 3], steps=5)
     assert a.captions == b.captions and np.array_equal(a.images, b.images)
@@ -83,8 +82,6 @@ def test_roundtrip_same_outputs(saved):
 
 def test_with_sampling_sets_the_defaults_of_every_call(saved):
     path, model, tok, _ = saved
-    from model import sampling
-
     ck = load_checkpoint(path).with_sampling(steps=3, autocast=True)
     plain = load_checkpoint(path)
     a = ck.generate([4, 5])
@@ -343,6 +340,7 @@ def test_the_committed_checkpoints_have_every_hash_and_load(name):
         ("text_layers", 10**7, r"model_config\.text_layers=10000000 is outside the supported range 1\.\.64"),
         ("z_dim", 32.5, r"model_config\.z_dim must be an integer, got 32\.5"),
         ("channels", "wide", r"model_config\.channels must be a list of 1\.\.16 integers"),
+        ("decoder_widths", [0, 0, 10**6, 0, 0], r"model_config\.decoder_widths\[2\]=1000000 is outside the supported range 0\.\.4096"),
     ],
 )
 def test_config_sizes_beyond_the_limits_are_refused_before_building(saved, tmp_path, field, value, message):
@@ -383,3 +381,49 @@ def test_extra_with_int_keys_and_tuples_round_trips_through_the_hash(saved, tmp_
     _, model, tok, _ = saved
     save_checkpoint(tmp_path / "x", model, tok, extra={"by_epoch": {10: 0.5, 9: 0.6}, "pair": (1, 2)})
     assert load_checkpoint(tmp_path / "x").extra == {"by_epoch": {"10": 0.5, "9": 0.6}, "pair": [1, 2]}
+
+
+# -- checkpoints written before the rejected options were removed (issue 25) ----------------------
+# The options and settings those checkpoints store, at the values that mean "off".
+REMOVED_OFF = {
+    "detail_channels": 0, "detail_size": 8, "noise_maps": False, "disc_channels": [],
+    "adversarial_start": 0, "free_bits": 0.0,
+}  # fmt: skip
+
+
+def _as_written_before_issue_25(dst: Path, **used) -> None:
+    """Rewrite config.json as the code before issue 25 saved it: the removed options at their off
+    values (or as `used` gives them) and the two removed loss weights, with a matching hash."""
+    meta = _meta(dst)
+    config = meta["model_config"]
+    config.update({**REMOVED_OFF, **used})
+    config["loss_weights"] = {**config["loss_weights"], "detail_kl": 1e-3, "adversarial": 0.1}
+    _write_meta(dst, meta)
+
+
+def test_an_old_config_with_the_removed_options_off_loads_and_gives_the_same_outputs(saved, tmp_path):
+    path, model, _, _ = saved
+    dst = _copy(saved, tmp_path)
+    _as_written_before_issue_25(dst)
+    ck = load_checkpoint(dst)  # its config_sha256 is over the stored config, as before
+    assert ck.config == model.config and ck.digest == checkpoint_digest(dst)
+    a = load_checkpoint(path).generate([1, 2, 3], steps=5)  # (the fixture's model trains in another test)
+    b = ck.generate([1, 2, 3], steps=5)
+    assert a.captions == b.captions and np.array_equal(a.images, b.images) and np.array_equal(a.z, b.z)
+    save_checkpoint(tmp_path / "resaved", ck.model, ck.tokenizer)  # saved again: today's config
+    assert _meta(tmp_path / "resaved")["model_config"] == _meta(path)["model_config"]
+    _make_legacy(dst)  # format 1 (no config hash) drops them the same way
+    assert load_checkpoint(dst).config == model.config
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("detail_channels", 4), ("noise_maps", True), ("disc_channels", [32, 64, 128]), ("free_bits", 0.1)]
+)
+def test_an_old_checkpoint_that_used_a_removed_option_is_refused_by_name(saved, tmp_path, option, value):
+    dst = _copy(saved, tmp_path)
+    _as_written_before_issue_25(dst, **{option: value})
+    with pytest.raises(
+        CheckpointError, match=rf"config\.json: model_config\.{option}=.* uses the {option} option, which was removed "
+        r"from inkseed after an ablation rejected it \(docs/quality\.md keeps the record\)",
+    ):  # fmt: skip
+        load_checkpoint(dst)

@@ -47,6 +47,9 @@ def test_invalid_configs_raise(changes):
 def test_unknown_field_raises():
     with pytest.raises(ValueError, match="unknown"):
         ModelConfig.from_dict({**PRESETS["tiny"].to_dict(), "bogus": 1})
+    # A removed loss term is unknown to a new config too (only the checkpoint loader drops old ones).
+    with pytest.raises(ValueError, match=r"unknown loss weight\(s\): \['adversarial'\]"):
+        get_preset("tiny").replace(loss_weights={"adversarial": 0.1})
 
 
 @pytest.mark.parametrize("name,batch", [("tiny", 3), ("base", 2), ("large", 1)])
@@ -79,13 +82,14 @@ def test_forward_shapes(name, batch):
         "latent_norm",
     ):
         assert key in out and out[key].dim() == 0 and torch.isfinite(out[key]), key
-    assert model.prior_loss(torch.randn(batch + 1, model.latent_dim)).dim() == 0
+    assert model.prior_loss(torch.randn(batch + 1, d)).dim() == 0
     if name != "large":  # one backward pass where it is cheap
         out = model.train()(images, tokens)
         out["loss"].backward()
         assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("prior."))
 
 
+@pytest.mark.slow  # the large preset's training steps at full size
 def test_the_large_preset_trains_a_few_steps():
     """`large` (512 px, for GPUs) has the real-data design and its training step runs: two
     AdamW steps at batch 1 on the CPU, every trained part gets a gradient, the loss stays finite."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model.config import get_preset
-from model.networks import JointModel, product_of_experts, widen_decoder
+from model.networks import JointModel, product_of_experts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 GOLDEN_LOSSES = {
@@ -57,6 +57,16 @@ def test_golden_decoder_and_encoder_outputs(tiny) -> None:
     assert model.encode_caption(tokens)[0][1, :4].tolist() == pytest.approx(GOLDEN_MU_CAPTION, abs=TOL)
 
 
+@torch.no_grad()
+def test_image_loss_is_the_weighted_image_part_of_the_loss(tiny) -> None:
+    model, images, tokens, _ = tiny
+    out = model(images, tokens)
+    mu, _ = model.encode_posterior(images, tokens)
+    w = model.config.loss_weights
+    expected = w["image_l1"] * out["image_l1"] + w["image_grad"] * out["image_grad"]
+    assert float(model.image_loss(model.image_decoder.logits(mu), images)) == pytest.approx(float(expected), abs=1e-6)
+
+
 def test_product_of_experts_keeps_only_the_unmasked_expert() -> None:
     mu_a, mu_b = torch.full((1, 3), 2.0), torch.full((1, 3), -2.0)
     lv = torch.zeros(1, 3)
@@ -78,35 +88,42 @@ def test_caption_decoding_with_a_kv_cache_matches_the_full_forward(tiny) -> None
     assert torch.allclose(torch.stack(steps, 1), full, atol=1e-4)
 
 
+def _wide(model: JointModel, widths: tuple[int, ...]) -> JointModel:
+    """A model with decoder_widths = widths holding `model`'s weights (the wide blocks stay at their init)."""
+    wide = JointModel(model.config.replace(decoder_widths=widths), model.vocab_size)
+    missing, unexpected = wide.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("image_decoder.wide.") for k in missing), missing
+    return wide.eval()
 
-def test_a_widened_decoder_starts_as_the_same_function_then_learns(tiny) -> None:
+
+def test_wide_blocks_start_as_the_identity_then_learn(tiny) -> None:
+    """decoder_widths adds zero-init wide blocks, keyed by stage, without renaming any other weight."""
     model, images, tokens, z = tiny
-    wide = widen_decoder(model, (0, 0, 32, 32, 16))
+    wide = _wide(model, (0, 0, 32, 32, 16))
     assert sorted(wide.image_decoder.wide) == ["2", "3", "4"] and wide.config.decoder_widths == (0, 0, 32, 32, 16)
     with torch.no_grad():
         assert torch.equal(wide.decode_image(z), model.decode_image(z))
-    wide(images, tokens)["loss"].backward()
+    wide.train()(images, tokens)["loss"].backward()
     last = wide.image_decoder.wide["4"].net[-1].weight
     assert last.grad is not None and last.grad.abs().sum() > 0, "the zero-init conv must get a gradient"
     with torch.no_grad():
         last.add_(0.05)
-        assert (wide.decode_image(z) - model.decode_image(z)).abs().max() > 1e-3
+        assert (wide.eval().decode_image(z) - model.decode_image(z)).abs().max() > 1e-3
 
 
-def test_a_widened_checkpoint_round_trips_and_bad_widths_are_named(tmp_path) -> None:
+def test_a_wide_checkpoint_round_trips_and_bad_widths_are_named(tmp_path) -> None:
     from model.checkpoint import load_checkpoint, save_checkpoint
 
     from builders import scrambled_tiny
 
-    model, tok = scrambled_tiny(["a line drawing of a cat", "a line drawing of a dog"])
-    wide = widen_decoder(model, (0, 0, 0, 16, 16))
+    wide, tok = scrambled_tiny(["a line drawing of a cat", "a line drawing of a dog"], decoder_widths=(0, 0, 0, 16, 16))
     with torch.no_grad():
         wide.image_decoder.wide["3"].net[-1].weight.normal_(0, 0.05)
     save_checkpoint(tmp_path / "wide", wide, tok)
     back = load_checkpoint(tmp_path / "wide")
     assert back.config.decoder_widths == (0, 0, 0, 16, 16)
-    z = torch.randn(2, model.config.z_dim)
+    z = torch.randn(2, wide.config.z_dim)
     with torch.no_grad():
-        assert torch.equal(back.model.decode_image(z), wide.eval().decode_image(z))
+        assert torch.equal(back.model.decode_image(z), wide.decode_image(z))
     with pytest.raises(ValueError, match="decoder_widths needs one width >= 0 per entry of channels"):
-        widen_decoder(model, (16, 16))
+        get_preset("tiny").replace(decoder_widths=(16, 16))

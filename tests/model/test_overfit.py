@@ -12,6 +12,7 @@ import random
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from model import sampling
@@ -43,6 +44,7 @@ def make_data(size: int) -> tuple[np.ndarray, list[str]]:
     return _half(np.stack(images)), captions
 
 
+@pytest.mark.slow  # hundreds of optimizer steps until 64 samples are memorised
 def test_tiny_model_overfits_64_samples():
     # One thread: these small ops gain little from two, and OpenMP barriers on a busy
     # (oversubscribed) host made a 2-thread run ~20x slower in wall time than a 1-thread one.

@@ -226,6 +226,7 @@ def test_parquet_folder_and_caption_column_errors(ray_local, tmp_path: Path) -> 
 # ---------------------------------------------------------------- S3 (moto server)
 
 
+@pytest.mark.slow  # both dataset formats read from S3 (moto)
 def test_both_formats_from_s3(ray_local, s3_server: str, engravings: Path, tmp_path: Path) -> None:
     root = "s3://inkseed-test/data-test"
     fs, bucket_path = storage.filesystem(root)  # one client for all uploads

@@ -145,6 +145,7 @@ def test_render_to_s3(source: Path, rendered: Path, s3_server: str) -> None:
     assert len(storage.read_bytes(f"{uri}/metadata.jsonl").decode().splitlines()) == 3
 
 
+@pytest.mark.slow  # the job's command in a subprocess (the other tests render in-process)
 def test_prepare_data_job(
     source: Path, rendered: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -281,6 +281,7 @@ def test_job_end_to_end(ray_local, checkpoint: str, engravings: Path, tmp_path: 
     assert again["coherence"] == coh  # same seeds, same checkpoint, same probe
 
 
+@pytest.mark.slow  # a second whole evaluation (test_evaluate_openmoji covers a dataset without the grammar)
 def test_dataset_without_attributes(ray_local, checkpoint: str, engravings: Path, tmp_path: Path) -> None:
     """Any image folder with captions: what applies is reported, the rest skipped with a reason."""
     data = tmp_path / "plain"
@@ -322,6 +323,7 @@ def test_bad_config_is_refused(tmp_path: Path) -> None:
     assert (cfg.num_seeds, cfg.probe.epochs, cfg.probe_cache, cfg.seed_start) == (10, 5, "c", 3)
 
 
+@pytest.mark.slow  # a whole evaluation with checkpoint, data and output on S3 (moto)
 def test_s3_checkpoint_data_and_output(ray_local, s3_server: str, checkpoint: str, engravings: Path) -> None:
     """Checkpoint, dataset, probe cache and report all on S3 (moto's server)."""
     import boto3

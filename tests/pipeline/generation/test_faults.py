@@ -1,39 +1,25 @@
-"""benchmarks/fault_inject.py, small: SIGKILL the driver or an actor of a real `python -m jobs.generate`
+"""pipeline/generation/chaos.py, small: SIGKILL the driver or an actor of a real `python -m jobs.generate`
 run at random moments, then finish and `--verify`: no seed lost, duplicated or mismatched."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from model.checkpoint import save_checkpoint
+from pipeline.generation.chaos import run_fault_injection
 
 from builders import scrambled_tiny
-
-REPO = Path(__file__).resolve().parents[3]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("fault_inject", REPO / "benchmarks" / "fault_inject.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow  # several real driver processes, killed and restarted
 def test_kills_at_random_points_lose_nothing(ray_local, tmp_path):
     """Schedule seed 3: an actor is killed 3.5 s after the pool starts, then the driver 3.1 s later."""
-    fault_inject = load_benchmark()
     ckpt = tmp_path / "ckpt"
     save_checkpoint(ckpt, *scrambled_tiny(["an engraving of a tower", "a print of a ship at sea"], seed=0))
     args = ["--checkpoint", str(ckpt), "--output", str(tmp_path / "out"), "--num-seeds", "120",
             "--shard-size", "10", "--batch-size", "10", "--steps", "3", "--max-actors", "1"]  # fmt: skip
     raylet = ray_local._private.worker._global_node.all_processes["raylet"][0].process.pid
-    report = fault_inject.run_fault_injection(
+    report = run_fault_injection(
         args, kills=2, ray_address=ray_local.get_runtime_context().gcs_address, raylet_pid=raylet,
         seed=3, max_delay=6.0, workdir=tmp_path,
     )  # fmt: skip

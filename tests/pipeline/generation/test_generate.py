@@ -26,6 +26,7 @@ from PIL import Image
 from model.checkpoint import save_checkpoint
 from pipeline import storage
 from pipeline.generation import manifest
+from pipeline.generation.chaos import actor_pids
 from pipeline.generation.config import GenerateConfig, GenerateError
 from pipeline.generation.run import run_generation
 from pipeline.generation.sampler import _assign_seeds, resolve_resources
@@ -190,6 +191,7 @@ def test_determinism_across_batch_size_and_actors(run300, tmp_path):
     assert {r["seed"] for r in second if r["shard"] == 0} == set(seeds[:25].tolist())
 
 
+@pytest.mark.slow  # fault injection: a driver subprocess killed and rerun
 def test_resume_after_killing_the_driver(ckpt, ray_local, tmp_path):
     """`python -m jobs.generate` on the test cluster, SIGKILLed once its first manifest part
     exists; rerunning the same settings finishes the rest with every seed exactly once."""
@@ -227,20 +229,7 @@ def test_resume_after_killing_the_driver(ckpt, ray_local, tmp_path):
         assert hashlib.sha256((out / row["image_path"]).read_bytes()).hexdigest() == row["image_sha256"]
 
 
-def sample_actor_pids(raylet_pid: int) -> list[int]:
-    """PIDs of the SampleBatch actors this test session's raylet started (never anyone else's)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            title = (entry / "cmdline").read_bytes().decode(errors="replace")
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == raylet_pid and "SampleBatch" in title:
-            pids.append(int(entry.name))
-    return pids
-
-
+@pytest.mark.slow  # fault injection: an actor killed mid-run
 def test_killed_worker_is_retried_exactly_once(ckpt, ray_local, tmp_path):
     """SIGKILL the generation actor once the first part is written: Ray restarts it and retries its
     tasks, and the manifest still holds every seed exactly once."""
@@ -252,7 +241,7 @@ def test_killed_worker_is_retried_exactly_once(ckpt, ray_local, tmp_path):
         deadline = time.monotonic() + 120
         while not list(out.glob("manifest/part-*.parquet")) and time.monotonic() < deadline:
             time.sleep(0.05)
-        for pid in sample_actor_pids(raylet):
+        for pid in actor_pids(raylet):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
@@ -400,6 +389,7 @@ def test_job_cli_rejects_bad_range_with_a_clear_message(tmp_path):
     assert "error: num_seeds must be > 0" in result.stderr
 
 
+@pytest.mark.slow  # a whole run, resumed, on S3 (moto)
 def test_s3_output(ckpt, ray_local, s3_server):
     out = "s3://inkseed-test/generate/run1"
     cfg = GenerateConfig(

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import ray.train
 import torch
-from train_builders import metrics_rows, tiny
+from train_builders import failing, metrics_rows, tiny
 
 from jobs.cli import one_line
 from model.checkpoint import load_checkpoint
@@ -36,9 +36,9 @@ torch.set_num_threads(1)
 def stopped(ray_local, data, tmp_path_factory) -> tuple[TrainConfig, dict[int, float]]:
     """3 epochs, ended by a failure after epoch 2's checkpoint; its config and the LR it logged
     at each step."""
-    cfg = tiny(data, str(tmp_path_factory.mktemp("stopped")), "run", epochs=3, fail_after_epoch=2, max_failures=0,
-               log_every=1, log_samples=0, wandb_mode="disabled", prior_epochs=4, prior_checkpoint_every=2)  # fmt: skip
-    with pytest.raises(Exception, match="injected failure after epoch 2"):
+    cfg = tiny(data, str(tmp_path_factory.mktemp("stopped")), "run", epochs=3, max_failures=0, log_every=1,
+               log_samples=0, wandb_mode="disabled", prior_epochs=4, prior_checkpoint_every=2)  # fmt: skip
+    with failing(epoch=2), pytest.raises(Exception, match="injected failure after epoch 2"):
         run_training(cfg)
     return cfg, {r["global_step"]: r["train/lr"] for r in metrics_rows(cfg, "step")}
 
@@ -46,7 +46,7 @@ def stopped(ray_local, data, tmp_path_factory) -> tuple[TrainConfig, dict[int, f
 def copy_of(cfg: TrainConfig, root: Path, **changes) -> TrainConfig:
     """The run copied to another storage path (Ray's record names its checkpoints relatively)."""
     shutil.copytree(Path(cfg.storage_path) / cfg.name, root / cfg.name)
-    return cfg.replace(storage_path=str(root), fail_after_epoch=None, **changes)
+    return cfg.replace(storage_path=str(root), **changes)
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +54,16 @@ def resumed(stopped, tmp_path_factory) -> tuple[TrainConfig, str, str]:
     """A copy resumed with epoch-0002's optimizer truncated, batch size 4 (allowed) and a failure
     after prior epoch 2 (max_failures=1): its config, what the driver printed, the export."""
     cfg = copy_of(stopped[0], tmp_path_factory.mktemp("resumed"), batch_size=4, allow_changed_setup=True,
-                  fail_after_prior_epoch=2, max_failures=1)  # fmt: skip
+                  max_failures=1)  # fmt: skip
     optimizer = Path(cfg.storage_path) / cfg.name / "epoch-0002" / "optimizer.safetensors"
     optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed), failing(prior_epoch=2):
         export = run_training(cfg)
     return cfg, printed.getvalue(), export
 
 
+@pytest.mark.slow  # Ray Train runs, stopped and resumed
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(stopped, resumed) -> None:
     cfg, printed, export = resumed
     run = Path(cfg.storage_path) / cfg.name
@@ -86,6 +87,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(stopped, resum
     assert load_checkpoint(export).extra["phase"] == "done"
 
 
+@pytest.mark.slow  # Ray Train runs, stopped and resumed
 @pytest.mark.parametrize("change", ["batch_size", "num_workers", "data"])
 def test_a_resume_with_another_setup_is_refused_naming_what_changed(stopped, tmp_path, change: str) -> None:
     cfg = copy_of(stopped[0], tmp_path / "runs")
@@ -107,6 +109,7 @@ def test_a_resume_with_another_setup_is_refused_naming_what_changed(stopped, tmp
     assert sorted(p.name for p in (tmp_path / "runs" / cfg.name).iterdir()) == before, "nothing was written"
 
 
+@pytest.mark.slow  # Ray Train runs, stopped and resumed
 def test_the_lr_schedule_continues_from_its_step_with_the_length_it_started_with(stopped, resumed) -> None:
     """Batch 4 doubles the steps per epoch; the schedule keeps its 3 x 18-step length, so the LR at
     every step equals the stopped run's at that step, and reaches the floor at the original end."""
@@ -123,6 +126,7 @@ def test_the_lr_schedule_continues_from_its_step_with_the_length_it_started_with
     assert final["setup"]["total_steps"] == 3 * spe and final["setup"]["batch_size"] == 4
 
 
+@pytest.mark.slow  # Ray Train runs, stopped and resumed
 def test_a_failure_in_the_prior_phase_resumes_from_its_checkpoint(resumed) -> None:
     """The failure after prior epoch 2 restarted the workers from prior-0002: phase 2 went on from
     epoch 3 (no step logged twice) and phase 1 was not redone."""
@@ -139,6 +143,7 @@ def test_a_failure_in_the_prior_phase_resumes_from_its_checkpoint(resumed) -> No
     assert not torch.allclose(ink.model.prior.latent_std, torch.ones_like(ink.model.prior.latent_std))
 
 
+@pytest.mark.slow  # Ray Train runs, stopped and resumed
 def test_when_every_kept_checkpoint_is_corrupt_the_run_stops_with_one_line(stopped, tmp_path) -> None:
     cfg = copy_of(stopped[0], tmp_path)
     run = tmp_path / cfg.name

@@ -1,22 +1,26 @@
-"""Tests of pipeline/training/config.py and jobs/train.py: real Ray Train runs of the tiny model on CPU.
+"""Tests of pipeline/training/ and jobs/train.py: real Ray Train runs of the tiny model on CPU.
 
-One 2-worker DDP run (gloo) with a failure injected after epoch 1 serves several tests: the
-data is sharded, the losses fall, Ray Train's FailureConfig resumes from epoch 1's checkpoint,
-the exported checkpoint loads and generates, and W&B's offline files hold the metrics. A
-second run on s3:// storage (moto) is stopped by a failure and resumed by running it again.
+One 2-worker DDP run (gloo) through all three phases (joint, prior, decoder sharpening), killed
+once in each (after epoch 1, prior epoch 10 and sharpen step 3), serves several tests: the data
+is sharded, the losses fall, Ray Train's FailureConfig resumes each phase from its checkpoint and
+the schedule continues, sharpening trains the decoder alone, the exported checkpoint loads and
+generates, and W&B's offline files hold the metrics. A second run on s3:// storage (moto) is
+stopped by a failure and resumed by running it again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from train_builders import TINY, metrics_rows, tiny
+from safetensors.torch import load_file
+from train_builders import TINY, failing, metrics_rows, tiny
 
-from jobs.train import parse_args, smoke_test_config
+from jobs.train import parse_args, provenance, smoke_test_config
 from model.checkpoint import load_checkpoint
 from pipeline import storage
 from pipeline.training.config import TrainError, load_train_config
@@ -28,12 +32,15 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def ddp_run(ray_local, data, tmp_path_factory):
-    """2 workers, 3 epochs; every worker raises after epoch 1 on the first attempt."""
-    cfg = tiny(data, str(tmp_path_factory.mktemp("runs")), "ddp", num_workers=2, fail_after_epoch=1, max_failures=1)
-    export = run_training(cfg)
+    """2 workers, 3 epochs, 20 prior epochs, 6 sharpen steps (configs/tiny.yaml); every worker
+    raises once in each phase, right after a checkpoint (max_failures 3)."""
+    cfg = tiny(data, str(tmp_path_factory.mktemp("runs")), "ddp", num_workers=2, max_failures=3, log_every=1)
+    with failing(epoch=1, prior_epoch=10, sharpen_step=3):
+        export = run_training(cfg)
     return cfg, export, metrics_rows(cfg, "epoch")
 
 
+@pytest.mark.slow  # a Ray Train run
 def test_two_workers_each_train_on_half_the_data(ddp_run, data):
     cfg, _, epochs = ddp_run
     n_train = sum(1 for _ in open(os.path.join(data, "metadata.jsonl"))) * 0.9  # ~10% is val
@@ -45,6 +52,7 @@ def test_two_workers_each_train_on_half_the_data(ddp_run, data):
         assert row["perf/samples_per_s"] > 0
 
 
+@pytest.mark.slow  # a Ray Train run
 def test_losses_fall(ddp_run):
     _, _, epochs = ddp_run
     assert epochs[-1]["train_epoch/loss_total"] < 0.8 * epochs[0]["train_epoch/loss_total"]
@@ -53,6 +61,7 @@ def test_losses_fall(ddp_run):
         assert all(np.isfinite(r[key]) for r in epochs)
 
 
+@pytest.mark.slow  # a Ray Train run
 def test_failure_resumes_from_the_epoch_1_checkpoint(ddp_run):
     """Epoch 1 ran once: after the injected failure, Ray Train restarted the workers from
     epoch 1's checkpoint (epoch 2 continues its step count), not from scratch."""
@@ -65,6 +74,45 @@ def test_failure_resumes_from_the_epoch_1_checkpoint(ddp_run):
     assert len(list(run.glob("epoch-*"))) <= cfg.num_to_keep
 
 
+@pytest.mark.slow  # a Ray Train run
+def test_each_phase_resumes_mid_phase_and_its_schedule_continues(ddp_run):
+    """After the failure at prior epoch 10 the prior went on from its prior-0010 checkpoint, and
+    after the one at sharpen step 3 sharpening went on from step 4: no step ran twice, none was
+    skipped, and no earlier phase was redone."""
+    cfg, _, _ = ddp_run
+    prior = metrics_rows(cfg, "prior")
+    summary = [r for r in prior if "prior/start_epoch" in r]
+    assert len(summary) == 1 and summary[0]["prior/start_epoch"] == 10 and summary[0]["prior_epoch"] == 20
+    assert [r["prior/step"] for r in prior if "prior/step" in r] == list(range(1, int(summary[0]["prior/steps"]) + 1))
+    sharpen = metrics_rows(cfg, "sharpen")
+    assert [r["sharpen/step"] for r in sharpen if "sharpen/step" in r] == list(range(1, cfg.sharpen.steps + 1))
+    (done,) = [r for r in sharpen if "sharpen/start_step" in r]
+    assert done["sharpen/start_step"] == 3 and done["sharpen_step"] == cfg.sharpen.steps
+    # The adversarial term is off for warmup_steps, then weighted by the (capped) adaptive weight.
+    weights = [r["sharpen/weight"] for r in sharpen if "sharpen/step" in r]
+    assert weights[: cfg.sharpen.warmup_steps] == [0.0] * cfg.sharpen.warmup_steps
+    assert all(0 < w <= cfg.sharpen.max_weight * cfg.sharpen.adv_weight + 1e-6 for w in weights[cfg.sharpen.warmup_steps :])
+    state = json.loads((Path(cfg.storage_path) / cfg.name / "final" / "train_state.json").read_text())["state"]
+    assert (state["phase"], state["prior_epoch"], state["sharpen_step"]) == ("done", 20, cfg.sharpen.steps)
+
+
+@pytest.mark.slow  # a Ray Train run
+def test_sharpening_trains_the_image_decoder_alone(ddp_run):
+    """Between the sharpen-000003 checkpoint and the final one only image_decoder.* weights moved:
+    the latent, the captions and the prior stay what phases 1 and 2 made. The discriminator
+    lives in the training checkpoints, never in the export."""
+    cfg, export, _ = ddp_run
+    run = Path(cfg.storage_path) / cfg.name
+    mid = load_file(str(run / "sharpen-000003" / "model" / "model.safetensors"))
+    end = load_file(str(run / "final" / "model" / "model.safetensors"))
+    moved = {k for k in end if not torch.equal(end[k], mid[k])}
+    assert moved and all(k.startswith("image_decoder.") for k in moved), sorted(moved)[:5]
+    assert (run / "final" / "discriminator.safetensors").is_file()
+    assert not any("disc" in p.name for p in Path(export).iterdir())
+    assert load_file(str(Path(export) / "model.safetensors")).keys() == end.keys()
+
+
+@pytest.mark.slow  # a Ray Train run
 def test_exported_checkpoint_loads_and_generates(ddp_run):
     cfg, export, _ = ddp_run
     assert export == os.path.join(cfg.storage_path, cfg.name, "export")
@@ -80,6 +128,7 @@ def test_exported_checkpoint_loads_and_generates(ddp_run):
     assert again.captions[0] == samples.captions[1]
 
 
+@pytest.mark.slow  # a Ray Train run
 def test_a_new_run_starts_from_an_exported_checkpoint(ddp_run, ray_local, data, tmp_path):
     """init_from: the new run starts from the export's weights and tokenizer (its first epoch
     begins where the old run ended, far below a fresh start); another model config is refused."""
@@ -98,32 +147,35 @@ def test_a_new_run_starts_from_an_exported_checkpoint(ddp_run, ray_local, data, 
     assert first["val/loss_total"] < 1.1 * epochs[-1]["val/loss_total"]
 
 
+@pytest.mark.slow  # a Ray Train run
 def test_wandb_offline_files_hold_the_metrics(ddp_run):
     cfg, _, _ = ddp_run
     run_id = wandb_run_id(cfg.storage_path, cfg.name)
     wandb_root = Path(cfg.storage_path) / cfg.name / "wandb" / "wandb"
     runs = sorted(wandb_root.glob("offline-run-*"))
-    # One offline run per attempt (before and after the failure), both under the same run id.
-    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    # One offline run per attempt (the first and one after each failure), all under the same run id.
+    assert len(runs) == 4 and all(r.name.endswith(run_id) for r in runs)
     records = b"".join((r / f"run-{run_id}.wandb").read_bytes() for r in runs)
     for name in (
         "train/loss_total", "train/caption_ce", "train/grad_norm", "train/lr", "train_epoch/image_mse",
         "val/loss_total", "val/caption_accuracy", "val/caption_perplexity", "val/latent_std",
         "perf/samples_per_s", "perf/epoch_time_s", "perf/rss_gb", "samples/table", "prior/loss",
+        "sharpen/rec", "sharpen/disc", "sharpen/adv", "sharpen/weight", "sharpen/prior_sharpness",
     ):
         assert name.encode() in records, name
     media = runs[-1] / "files" / "media"
     assert list(media.rglob("*.table.json")) and list(media.rglob("*.png"))  # samples table + gallery
 
 
+@pytest.mark.slow  # a Ray Train run
 def test_stopped_run_resumes_when_run_again_on_s3(ray_local, data):
     """max_failures=0: the injected failure ends the job; the same command with another model is
     refused, the same command again continues from epoch 1's checkpoint on S3, and a third run of
     the finished job only re-exports."""
     cfg = tiny(data, "s3://inkseed-test/runs", "resume", epochs=2, max_failures=0, log_samples=0,
                wandb_mode="disabled")
-    with pytest.raises(Exception, match="injected failure after epoch 1"):
-        run_training(cfg.replace(fail_after_epoch=1))
+    with failing(epoch=1), pytest.raises(Exception, match="injected failure after epoch 1"):
+        run_training(cfg)
     assert [r["epoch"] for r in metrics_rows(cfg, "epoch")] == [1]
     with pytest.raises(TrainError, match=r"another model config \(image_size 32 -> 16; channels "):
         run_training(cfg.replace(image_size=16))  # a different model cannot continue this run
@@ -170,6 +222,7 @@ def test_config_file_and_cli_overrides(tmp_path):
         model_config(cfg.replace(loss_weights={"klx": 1.0}))
 
 
+@pytest.mark.slow  # a Ray Train run
 def test_early_stopping_ends_phase_one(ray_local, data, tmp_path):
     """With a learning rate too small to move the weights the val loss never improves after epoch
     1, so patience 1 must end phase 1 after epoch 2 (of 5) and go on to the prior."""
@@ -181,6 +234,7 @@ def test_early_stopping_ends_phase_one(ray_local, data, tmp_path):
     assert load_checkpoint(export).extra["phase"] == "done"
 
 
+@pytest.mark.slow  # a Ray Train run
 def test_a_diverging_run_stops_with_a_clear_error(ray_local, data, tmp_path):
     """A learning rate that blows the weights up must stop the run on the first non-finite loss,
     naming it, instead of writing NaN weights into checkpoints (the export would refuse them)."""
@@ -191,20 +245,46 @@ def test_a_diverging_run_stops_with_a_clear_error(ray_local, data, tmp_path):
     assert not (tmp_path / "nan" / "export").exists()
 
 
-def test_the_real_data_design_trains_through_ray_train(ray_local, data, tmp_path):
-    """Model overrides from the config reach the workers: a detail latent, noise maps and the
-    PatchGAN train under Ray Train, the last weights are kept, and the export generates."""
+@pytest.mark.slow  # a Ray Train run
+def test_model_overrides_reach_the_workers(ray_local, data, tmp_path):
+    """Model overrides from the config reach the workers: a wide decoder (decoder_widths, a list in
+    YAML) and the ink cross-entropy train under Ray Train, the last weights are kept, and the
+    export generates; an unknown field is an error naming it."""
     cfg = tiny(data, str(tmp_path), "design", epochs=2, log_samples=0, prior_epochs=2, weights="last",
-               model={"detail_channels": 2, "noise_maps": True, "disc_channels": [8, 16]})  # fmt: skip
-    export = run_training(cfg)
-    epochs = metrics_rows(cfg, "epoch")
-    assert {"train_epoch/disc", "train_epoch/adversarial", "train_epoch/detail_kl"} <= set(epochs[-1])
+               model={"decoder_widths": [0, 16, 16, 8]}, loss_weights={"image_bce": 1.0})  # fmt: skip
+    made_by = provenance(["--config", TINY, "--epochs", "2"])
+    export = run_training(cfg, made_by=made_by)
+    assert "train_epoch/image_bce" in metrics_rows(cfg, "epoch")[-1]
     ck = load_checkpoint(export)
-    assert (ck.config.detail_channels, ck.config.noise_maps, ck.config.disc_channels) == (2, True, (8, 16))
-    assert ck.model.prior.latent_mean.shape == (ck.model.latent_dim,)
+    # The checkpoint records what made it: the command line and the config file's text.
+    assert ck.extra["command"] == f"python -m jobs.train --config {TINY} --epochs 2"
+    assert ck.extra["config_yaml"] == Path(TINY).read_text() and ck.extra["sharpen_step"] == cfg.sharpen.steps
+    assert ck.config.decoder_widths == (0, 16, 16, 8) and ck.config.loss_weights["image_bce"] == 1.0
+    assert any(k.startswith("image_decoder.wide.") for k in ck.model.state_dict())
     out = ck.generate([0, 1])
     assert out.images.shape == (2, 32, 32) and all(out.captions)
     with pytest.raises(ValueError, match="unknown ModelConfig field"):
         from pipeline.training.config import model_config
 
-        model_config(cfg.replace(model={"detail_channel": 2}))
+        model_config(cfg.replace(model={"detail_channels": 2}))
+
+
+@pytest.mark.slow  # ~110 M parameters at 512 px on a CPU: a few steps take a minute or two
+def test_the_large_preset_trains_every_phase_at_512_px(ray_local, tmp_path):
+    """The `large` preset (H100 clusters) is exercised, not only declared: two joint steps, one
+    prior epoch and one sharpening step at 512 px through Ray Train, and the export generates."""
+    from pipeline.data.engrave import render_dataset
+
+    data = str(tmp_path / "data")
+    render_dataset(data, count=24, size=512, seed=0)
+    cfg = tiny(data, str(tmp_path / "runs"), "large", preset="large", image_size=None, epochs=1, batch_size=2,
+               max_train_samples=4, max_val_samples=2, prior_epochs=1, prior_batch_size=4, log_samples=0,
+               wandb_mode="disabled", num_to_keep=1, precision="fp32",
+               sharpen={"steps": 1, "warmup_steps": 0, "prior_bank": 2, "disc_channels": [8, 16]})  # fmt: skip
+    export = run_training(cfg)
+    assert [r["epoch"] for r in metrics_rows(cfg, "epoch")] == [1]
+    assert [r["sharpen/step"] for r in metrics_rows(cfg, "sharpen") if "sharpen/step" in r] == [1]
+    ck = load_checkpoint(export)
+    assert ck.config.image_size == 512 and ck.config.z_dim == 256
+    out = ck.generate([0], steps=2)
+    assert out.images.shape == (1, 512, 512) and isinstance(out.captions[0], str)

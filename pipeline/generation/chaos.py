@@ -1,9 +1,9 @@
 """Fault injection for mass generation: SIGKILL the driver or a model actor at random moments of a
-`python -m jobs.generate` run, N times, then let the run finish and verify it. Not a test: it
-prints numbers (tests/pipeline/generation/test_faults.py runs a small version).
+`python -m jobs.generate` run, N times, then let the run finish and verify it. It prints numbers
+(tests/pipeline/generation/test_faults.py runs a small version):
 
-    python benchmarks/fault_inject.py                                  # 8 kills, 600 seeds, tiny model
-    python benchmarks/fault_inject.py --kills 20 --num-seeds 5000 --seed 3
+    python -m pipeline.generation.chaos                                # 8 kills, 600 seeds, tiny model
+    python -m pipeline.generation.chaos --kills 20 --num-seeds 5000 --seed 3
 
 Each round starts the same command again if no driver is running (a rerun resumes), waits a
 random time, then kills either the driver (the whole job: the next round's rerun must take over
@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COUNTS = re.compile(r"seeds: expected (\d+), lost (\d+), duplicated (\d+), mismatched (\d+)")
 
 
