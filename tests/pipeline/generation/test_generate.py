@@ -377,6 +377,7 @@ def test_resources_resolve_on_the_cluster(ray_local, ckpt, tmp_path):
     assert not (out / "run.json").exists()
 
 
+@pytest.mark.slow  # the job's command in a subprocess
 def test_job_cli_rejects_bad_range_with_a_clear_message(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "jobs.generate", "--num-seeds", "-3", "--output", str(tmp_path / "o")],

@@ -95,6 +95,7 @@ def test_a_truncated_or_empty_part_is_regenerated_by_a_rerun(copy, ckpt, capsys)
     assert verify_output(str(copy)).ok and not temp_files(copy)
 
 
+@pytest.mark.slow  # fault injection: deleted and damaged files, then --verify and --repair runs
 def test_verify_names_each_damage_and_repair_fixes_it(copy, ckpt):
     (copy / "images" / "00000" / "3.png").unlink()
     altered = copy / "images" / "00001" / "12.png"
