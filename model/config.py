@@ -77,6 +77,12 @@ class ModelConfig:
     # 18 C W S^2 MAC per stage instead of widening every conv of the stage. Chosen with the
     # other sizes before training starts.
     decoder_widths: tuple[int, ...] = ()
+    # Sub-pixel factor r of both image networks (ESPCN's pixel shuffle): the decoder's last conv
+    # stage runs at image_size / r and one conv predicts the r x r pixels (and texture gates) of
+    # each position; the encoder starts with the inverse (pixel unshuffle). 1 = convs at full
+    # resolution. The full-resolution stages of a few channels are memory-bound on CPUs (about
+    # a fifth of the matmul peak): r = 2 moves the same pixels with wider, cheaper convs.
+    pixel_shuffle: int = 1
     # Learned full-resolution "plate texture" maps the decoder gates into its last stage:
     # hatching sits at fixed plate coordinates, which translation-equivariant convs cannot
     # place sharply by themselves. 0 disables.
@@ -124,15 +130,15 @@ class ModelConfig:
 
     @property
     def num_stages(self) -> int:
-        """Number of x2 resolution stages between 4x4 and image_size."""
-        return stages_for(self.image_size)
+        """Number of x2 conv stages between 4x4 and the last conv resolution (image_size / r)."""
+        return stages_for(self.image_size // self.pixel_shuffle)
 
     def with_image_size(self, size: int) -> ModelConfig:
         """This config at another image size: stages are dropped from the small end's list,
         or added at half the last stage's channels (at least 8) for a larger image."""
         if size == self.image_size:
             return self
-        n = stages_for(size) + 1
+        n = stages_for(size // self.pixel_shuffle) + 1
         ch, wide = list(self.channels[:n]), list(self.decoder_widths[:n])
         while len(ch) < n:
             ch.append(max(8, ch[-1] // 2))
@@ -141,10 +147,12 @@ class ModelConfig:
         return self.replace(image_size=size, channels=tuple(ch), decoder_widths=tuple(wide))
 
     def validate(self) -> None:
-        s = self.image_size
-        if len(self.channels) != stages_for(s) + 1:
+        s, r = self.image_size, self.pixel_shuffle
+        if r < 1 or r & (r - 1) or s // r < 8:
+            raise ValueError(f"pixel_shuffle must be a power of two with image_size / pixel_shuffle >= 8, got {r}")
+        if len(self.channels) != stages_for(s // r) + 1:
             raise ValueError(
-                f"channels needs log2({s}/4)+1 = {self.num_stages + 1} entries, got {len(self.channels)}"
+                f"channels needs log2({s}/{r}/4)+1 = {self.num_stages + 1} entries, got {len(self.channels)}"
             )
         if self.decoder_widths and (len(self.decoder_widths) != len(self.channels) or min(self.decoder_widths) < 0):
             raise ValueError(f"decoder_widths needs one width >= 0 per entry of channels ({len(self.channels)}), "

@@ -1,6 +1,7 @@
 """The image networks: the convolutional encoder (image -> Gaussian posterior over z) and the
 decoder (z -> image), with optional wide residual blocks after the decoder's stages
-(`ModelConfig.decoder_widths`) and a gated plate-texture bank at full resolution.
+(`ModelConfig.decoder_widths`), an optional sub-pixel output (`ModelConfig.pixel_shuffle`) and a
+gated plate-texture bank at full resolution.
 Every op is per sample (GroupNorm), so a sample does not depend on its batch.
 """
 
@@ -58,8 +59,9 @@ class ImageEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        ch = list(reversed(cfg.channels))  # full res ... 4x4
-        self.stem = nn.Conv2d(1, ch[0], 3, padding=1)
+        ch = list(reversed(cfg.channels))  # image_size / r ... 4x4
+        self.r = cfg.pixel_shuffle
+        self.stem = nn.Conv2d(self.r**2, ch[0], 3, padding=1)
         stages = []
         for cin, cout in zip(ch[:-1], ch[1:]):
             stages.append(
@@ -77,7 +79,8 @@ class ImageEncoder(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, S, S) -> pooled feature (B, F)."""
-        x = self.stages(self.stem(images[:, None]))  # (B, C_0, 4, 4)
+        x = F.pixel_unshuffle(images[:, None], self.r) if self.r > 1 else images[:, None]  # (B, r^2, S/r, S/r)
+        x = self.stages(self.stem(x))  # (B, C_0, 4, 4)
         x = F.silu(self.out_norm(x)).flatten(1)  # (B, 16 C_0)
         return F.silu(self.fc(x))
 
@@ -109,16 +112,19 @@ class ImageDecoder(nn.Module):
         self.stages = nn.Sequential(*stages)
         # Keyed by stage index (4x4 = "0"), so the stages' own weight names do not change.
         self.wide = nn.ModuleDict({str(i): WideBlock(c, w) for i, (c, w) in enumerate(zip(ch, cfg.decoder_widths)) if w})
-        c, k = ch[-1], cfg.texture_bank
-        self.k = k
+        c, k, r = ch[-1], cfg.texture_bank, cfg.pixel_shuffle
+        self.k, self.r = k, r
         self.out_norm = nn.GroupNorm(_groups(c), c)
         if k:
             # k learned full-resolution line textures in plate coordinates, and per-pixel gates
             # predicted from the features: the decoder *selects* sharp textures (multiplicative
             # gating) instead of painting 1-px lines with translation-equivariant convs.
             self.textures = nn.Parameter(torch.randn(k, cfg.image_size, cfg.image_size) * 0.5)
-            self.gate = nn.Conv2d(c, k, 1)
-        self.out = nn.Conv2d(c + k, 1, 3, padding=1)
+            self.gate = nn.Conv2d(c, k * r * r, 1)
+        # r = 1: one 3x3 conv over the features and the gated textures at full resolution.
+        # r > 1: a 3x3 conv predicts each position's r x r pixels (pixel shuffle), and the gated
+        # textures are added to those logits (their own learned maps carry any weighting).
+        self.out = nn.Conv2d(c + k, 1, 3, padding=1) if r == 1 else nn.Conv2d(c, r * r, 3, padding=1)
 
     def _widen(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Stage i's wide block (decoder_widths), if it has one."""
@@ -134,7 +140,13 @@ class ImageDecoder(nn.Module):
         x = self._widen(self.base(self.fc(z).view(b, self.c0, 4, 4)), 0)  # (B, C_0, 4, 4)
         for i, stage in enumerate(self.stages, start=1):
             x = self._widen(stage(x), i)  # (B, C_i, 4 2^i, 4 2^i)
-        h = F.silu(self.out_norm(x))  # (B, C, S, S)
+        h = F.silu(self.out_norm(x))  # (B, C, S/r, S/r)
+        if self.r > 1:
+            u = F.pixel_shuffle(self.out(h), self.r)  # (B, 1, S, S)
+            if self.k:
+                gates = torch.sigmoid(F.pixel_shuffle(self.gate(h), self.r))  # (B, k, S, S)
+                u = u + (gates * self.textures.to(h.dtype)).sum(1, keepdim=True)
+            return u[:, 0].float()  # (B, S, S)
         if self.k:
             gates = torch.sigmoid(self.gate(h))  # (B, k, S, S)
             h = torch.cat([h, gates * self.textures.to(h.dtype)], dim=1)  # (B, C + k, S, S)

@@ -24,6 +24,7 @@ CONFIG_LIMITS: dict[str, tuple[int, int]] = {
     "max_caption_tokens": (3, 4096), "prefix_tokens": (1, 512), "feature_dim": (1, 16384),
     "embed_dim": (1, 8192), "prior_width": (1, 16384), "prior_depth": (1, 128),
     "prior_timesteps": (1, 100_000), "ddim_steps": (1, 100_000), "decoder_widths": (0, 4096),
+    "pixel_shuffle": (1, 64),
 }  # fmt: skip
 LISTS = ("channels", "decoder_widths")  # fields whose every entry the limits bound
 MAX_CHANNEL_STAGES = 16
